@@ -1,0 +1,145 @@
+"""Helpers shared by the attribution methods: inputs, targets, losses, model state."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TensorOrTupleOfTensors = Union[Tensor, Tuple[Tensor, ...]]
+TargetType = Union[None, int, Sequence[int], Tensor]
+
+
+def cross_entropy_per_sample(outputs: Tensor, target: Tensor) -> Tensor:
+    """The default ``loss_fn``: cross-entropy of each sample, shape ``(B,)``."""
+    return F.cross_entropy(outputs, target, reduction="none")
+
+
+def format_inputs(inputs: TensorOrTupleOfTensors) -> Tuple[Tuple[Tensor, ...], bool]:
+    """``(inputs as a tuple, whether they came as a tuple)``, checked for shape and values."""
+    is_tuple = isinstance(inputs, tuple)
+    as_tuple = inputs if is_tuple else (inputs,)
+    if len(as_tuple) == 0:
+        raise ValueError("inputs is an empty tuple: pass at least one tensor")
+    for i, x in enumerate(as_tuple):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"inputs[{i}] must be a Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"inputs[{i}] is a scalar; inputs need a batch dimension first")
+    batch = as_tuple[0].shape[0]
+    if batch == 0:
+        raise ValueError("inputs hold no samples (batch size 0)")
+    for i, x in enumerate(as_tuple[1:], start=1):
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"all inputs must share the batch size: inputs[0] has {batch} samples, "
+                f"inputs[{i}] has {x.shape[0]}"
+            )
+    for i, x in enumerate(as_tuple):
+        if x.is_floating_point() or x.is_complex():
+            if not bool(torch.isfinite(x).all()):
+                bad = "NaN" if bool(torch.isnan(x).any()) else "inf"
+                raise ValueError(f"inputs[{i}] contains {bad}; saliency of non-finite inputs is undefined")
+    return as_tuple, is_tuple
+
+
+def format_additional_args(additional_forward_args: Any) -> Tuple[Any, ...]:
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def check_device(inputs: Tuple[Tensor, ...], additional: Tuple[Any, ...], device: torch.device) -> None:
+    """Inputs must live where the model's parameters do (no silent copies)."""
+    named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)]
+    named += [(f"additional_forward_args[{i}]", a) for i, a in enumerate(additional) if isinstance(a, Tensor)]
+    for what, x in named:
+        if x.device != device:
+            raise ValueError(
+                f"{what} is on {x.device} but the model's parameters are on {device}; "
+                f"move the inputs with .to({str(device)!r})"
+            )
+
+
+def check_internal_batch_size(internal_batch_size: Optional[int]) -> None:
+    if internal_batch_size is not None and (
+        not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    ):
+        raise ValueError(f"internal_batch_size must be a positive int or None, got {internal_batch_size!r}")
+
+
+def normalize_target(target: TargetType, batch: int, device: torch.device) -> Optional[Tensor]:
+    """``target`` as one entry per sample on ``device`` (None stays None: predicted class)."""
+    if target is None:
+        return None
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or a Tensor, not a bool")
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=device)
+    if isinstance(target, tuple):
+        raise TypeError(
+            "target is a tuple; Captum uses tuples to index multi-dimensional outputs, which a "
+            "loss does not take. Pass a list or a Tensor with one label per sample."
+        )
+    if isinstance(target, (list, range)):
+        target = torch.as_tensor(list(target))
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be an int, a list of ints or a Tensor, got {type(target).__name__}")
+    if target.dim() == 0:
+        target = target.expand(batch)
+    if target.shape[0] != batch:
+        raise ValueError(f"target has {target.shape[0]} entries for {batch} samples; give one label per sample")
+    return target.to(device)
+
+
+def label_resolver(target: Optional[Tensor], check_classes: bool) -> Callable[[Tensor], Tensor]:
+    """``output -> labels``: the given labels, checked against the output, or the predicted class."""
+
+    def resolve(output: Tensor) -> Tensor:
+        if target is None:
+            if output.dim() != 2:
+                raise ValueError(
+                    f"target=None takes the predicted class, which needs (batch, classes) outputs; "
+                    f"the model returned shape {tuple(output.shape)}. Pass target= explicitly."
+                )
+            return output.argmax(dim=1)
+        if check_classes:
+            if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+                raise TypeError(f"class labels must be integers, got dtype {target.dtype}")
+            if output.dim() != 2:
+                raise ValueError(
+                    f"the default cross-entropy loss needs (batch, classes) outputs; the model returned "
+                    f"shape {tuple(output.shape)}. Pass a loss_fn for other outputs."
+                )
+            classes = output.shape[1]
+            low, high = int(target.min()), int(target.max())
+            if low < 0 or high >= classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"label {bad} is out of range for a model with {classes} classes (0..{classes - 1})")
+        return target
+
+    return resolve
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; every submodule's own ``training`` flag restored on exit, also on error."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(params: Sequence[nn.Parameter]) -> torch.device:
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"the selected parameters span several devices {sorted(map(str, devices))}")
+    return next(iter(devices))

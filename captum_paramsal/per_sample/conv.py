@@ -1,0 +1,81 @@
+"""Per-sample gradients of ``Conv1d/2d/3d`` weights and biases.
+
+Within each group, one sample's weight gradient is a sum over output positions
+``p`` of outer products: ``dW[o, (c, k)] = sum_p dY[o, p] * X_patches[(c, k), p]``,
+a :class:`~.grads.LowRankGrad` of rank ``P``. With few positions it is built
+by a batched matmul with the input's patches; with many positions a batched
+(vmap) convolution weight-gradient kernel is faster and needs no patches.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .grads import DenseGrad, LowRankGrad, PerSampleGrad
+from .im2col import im2col
+from .registry import register_rule
+
+#: From this many output positions on, the convolution kernel beats im2col + matmul.
+CONV_KERNEL_MIN_POSITIONS = 64
+
+
+def _padded_input(module: nn.Module, activation: Tensor):
+    """The input as the convolution sees it, and the zero padding still to apply."""
+    nd = len(module.kernel_size)
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        # 'same' may be asymmetric and padding modes are not zeros: pad explicitly,
+        # exactly as the module's own forward does.
+        pads = module._reversed_padding_repeated_twice
+        if any(pads):
+            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+            activation = F.pad(activation, pads, mode=mode)
+        return activation, (0,) * nd
+    return activation, tuple(module.padding)
+
+
+def _kernel_weight_grads(module: nn.Module, x: Tensor, grad_output: Tensor, padding) -> Tensor:
+    """Per-sample weight gradients by the convolution's own weight-gradient kernel, vmapped."""
+    weight = module.weight.detach()
+    nd = len(module.kernel_size)
+
+    def one_sample(xi: Tensor, dyi: Tensor) -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            dyi.unsqueeze(0), xi.unsqueeze(0), weight, None, list(module.stride), list(padding),
+            list(module.dilation), False, [0] * nd, module.groups, [False, True, False],
+        )[1]
+
+    return vmap(one_sample)(x, grad_output)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_per_sample_grads(
+    module: nn.Module, activation: Tensor, grad_output: Tensor, names: FrozenSet[str]
+) -> Dict[str, PerSampleGrad]:
+    batch = activation.shape[0]
+    groups, out_channels = module.groups, module.out_channels
+    positions = grad_output[0].numel() // out_channels
+    grads: Dict[str, PerSampleGrad] = {}
+    if "weight" in names:
+        x, padding = _padded_input(module, activation)
+
+        def patches(start: int, stop: int) -> Tensor:  # (n, G, P, J)
+            cols = im2col(x[start:stop], module.kernel_size, module.stride, module.dilation, padding)
+            if cols.shape[-1] != positions:
+                raise RuntimeError(f"conv rule: {cols.shape[-1]} patches for {positions} output positions")
+            return cols.reshape(stop - start, groups, -1, positions).transpose(-1, -2)
+
+        materialize = None
+        if positions >= CONV_KERNEL_MIN_POSITIONS:
+            def materialize(start: int, stop: int) -> Tensor:
+                return _kernel_weight_grads(module, x[start:stop], grad_output[start:stop], padding)
+
+        left = grad_output.reshape(batch, groups, out_channels // groups, positions)
+        grads["weight"] = LowRankGrad(left, patches, module.weight.shape, materialize)
+    if "bias" in names:
+        grads["bias"] = DenseGrad(grad_output.reshape(batch, out_channels, -1).sum(-1))
+    return grads

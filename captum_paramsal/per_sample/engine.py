@@ -1,0 +1,202 @@
+"""Per-sample unit saliency of a batch: one tapped forward and one backward.
+
+Forward hooks on the modules that own rule-routed parameters keep each call's
+input and tap its output (:mod:`.tap`). The backward hands each tap the
+gradient at that output; the module's rule turns (input, output gradient) into
+per-sample gradients of its parameters, calls of the same module are summed,
+and after the last call the sum is grouped into units, reduced and freed. No
+whole-model per-sample gradient is ever held. Parameters the probe did not
+route to rules go through :mod:`.fallback`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .fallback import LossFn, fallback_unit_saliency
+from .grads import PerSampleGrad
+from .reduce import REDUCTIONS
+from .registry import default_grouping, find_rule
+from .routing import Routing
+from .selection import SelectedParameter, Selection
+from .tap import GradTap, new_anchor
+
+#: ``resolve_target(output) -> target`` (validated, one entry per sample)
+TargetResolver = Callable[[Tensor], Tensor]
+
+
+#: Per-sample gradients are built this many values at a time (a chunk of samples),
+#: so a layer of 2M weights at batch 64 never needs half a gigabyte at once.
+WORKSPACE_VALUES = 1 << 22
+
+
+@dataclass
+class _Accumulator:
+    """The per-sample gradients of one parameter from each call seen so far."""
+
+    param: SelectedParameter
+    calls: int = 0
+    grads: List[PerSampleGrad] = field(default_factory=list)
+    unusable: bool = False
+
+
+def _reduce_calls(p: SelectedParameter, grads: List[PerSampleGrad], batch: int, reduction: str) -> Tensor:
+    """``(B, units)`` of the sum of ``grads`` over calls, a chunk of samples at a time."""
+    if not grads:
+        return torch.zeros(batch, p.num_units, dtype=p.param.dtype, device=p.param.device)
+    reduce = REDUCTIONS[reduction]
+    # Closed forms give units along index 0, for one call (or any number, for the linear "mean").
+    closed_form = p.grouping is default_grouping and (len(grads) == 1 or reduction == "mean")
+    chunk = max(1, WORKSPACE_VALUES // max(1, p.param.numel()))
+    rows = []
+    for start in range(0, batch, chunk):
+        stop = min(start + chunk, batch)
+        parts = [g.unit_reduce(reduction, start, stop) for g in grads] if closed_form else [None]
+        if all(part is not None for part in parts):
+            rows.append(sum(parts))
+            continue
+        dense = grads[0].materialize(start, stop)
+        for g in grads[1:]:
+            dense = dense + g.materialize(start, stop)
+        rows.append(reduce(p.grouping(dense, p.grouping_module)))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _check_losses(losses: Tensor, batch: int) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.shape != (batch,):
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return one loss per sample, shape ({batch},); got {shape}. "
+            "Use reduction='none' in a torch loss."
+        )
+    return losses
+
+
+def _rule_pass(
+    model: nn.Module,
+    params: List[SelectedParameter],
+    routing: Routing,
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    resolve_target: TargetResolver,
+    loss_fn: LossFn,
+    reduction: str,
+    create_graph: bool,
+) -> Tuple[Dict[str, Tensor], List[SelectedParameter], Tensor, Tensor]:
+    """Rule-computed ``{name: (B, units)}``, params the rules could not take, output, target."""
+    batch = inputs[0].shape[0]
+    accumulators = {p.name: _Accumulator(p) for p in params}
+    by_module: Dict[nn.Module, List[Tuple[str, _Accumulator]]] = {}
+    for p in params:
+        for module, attr in p.owners:
+            by_module.setdefault(module, []).append((attr, accumulators[p.name]))
+    results: Dict[str, Tensor] = {}
+    anchor = new_anchor(inputs[0].device)
+    call_counts: Dict[nn.Module, int] = {}
+
+    def finish(acc: _Accumulator) -> None:
+        results[acc.param.name] = _reduce_calls(acc.param, acc.grads, batch, reduction)
+        acc.grads = []  # free the saved activations and output gradients
+
+    def on_forward(module: nn.Module, args, kwargs, output):
+        call = call_counts.get(module, 0)
+        call_counts[module] = call + 1
+        activation = args[0] if args else next(iter(kwargs.values()), None)
+        here = by_module[module]
+        usable = (
+            isinstance(activation, Tensor)
+            and isinstance(output, Tensor)
+            and activation.shape[:1] == (batch,)
+            and output.shape[:1] == (batch,)
+            and (batch == 1 or routing.call_is_batch_first(module, call))
+        )
+        if not usable:
+            for _, acc in here:
+                acc.unusable = True
+            return None
+        for _, acc in here:
+            acc.calls += 1
+        names = frozenset(attr for attr, _ in here)
+        rule = find_rule(module, next(iter(names)))
+        saved = [activation if create_graph else activation.detach()]
+
+        def on_grad(grad_output: Tensor) -> None:
+            grads = rule(module, saved.pop(), grad_output, names)
+            for attr, acc in here:
+                if acc.unusable:
+                    continue
+                acc.grads.append(grads[attr])
+                if len(acc.grads) == acc.calls:
+                    finish(acc)
+
+        return GradTap.apply(output, anchor, on_grad)
+
+    handles = [m.register_forward_hook(on_forward, with_kwargs=True) for m in by_module]
+    try:
+        with torch.enable_grad():
+            output = model(*inputs, *additional_forward_args)
+            if not isinstance(output, Tensor):
+                raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+            for h in handles:  # a loss_fn that calls the model again must not be tapped
+                h.remove()
+            target = resolve_target(output.detach())
+            losses = _check_losses(loss_fn(output, target), batch)
+            if losses.requires_grad:  # False when no tapped output reached the loss
+                torch.autograd.grad(losses.sum(), anchor, create_graph=create_graph, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    unusable = []
+    for acc in accumulators.values():
+        if acc.unusable:
+            unusable.append(acc.param)
+            results.pop(acc.param.name, None)
+        elif acc.param.name not in results:
+            finish(acc)  # some calls' outputs never reached the loss: their gradient is zero
+    return results, unusable, output.detach(), target
+
+
+def per_sample_unit_saliency(
+    model: nn.Module,
+    selection: Selection,
+    routing: Routing,
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    resolve_target: TargetResolver,
+    loss_fn: LossFn,
+    reduction: str,
+    fallback_chunk_size: int,
+    create_graph: bool = False,
+) -> Tensor:
+    """``(B, F)`` unit saliency of one batch, columns in ``selection.layout`` order.
+
+    The model must already be in eval mode; the caller restores its state.
+    """
+    rule_params = [p for p in selection.params if p.name in routing.rule_names]
+    fallback_params = [p for p in selection.params if p.name not in routing.rule_names]
+    results: Dict[str, Tensor] = {}
+    target: Optional[Tensor] = None
+    if rule_params:
+        results, unusable, _, target = _rule_pass(
+            model, rule_params, routing, inputs, additional_forward_args,
+            resolve_target, loss_fn, reduction, create_graph,
+        )
+        fallback_params += unusable
+    if fallback_params:
+        if target is None:
+            with torch.no_grad():
+                output = model(*inputs, *additional_forward_args)
+            if not isinstance(output, Tensor):
+                raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+            target = resolve_target(output)
+        results.update(
+            fallback_unit_saliency(
+                model, fallback_params, inputs, additional_forward_args, target,
+                loss_fn, reduction, fallback_chunk_size, create_graph,
+            )
+        )
+    return torch.cat([results[p.name] for p in selection.params], dim=1)

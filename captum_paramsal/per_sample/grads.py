@@ -1,0 +1,98 @@
+"""Lazy per-sample gradients, so that a parameter's units can be reduced chunk by chunk.
+
+A rule does not return the per-sample gradient itself (``B x numel`` values,
+gigabytes for a deep layer at batch 64) but a :class:`PerSampleGrad` that can
+build the gradient of any range of samples, and, where the layer's structure
+allows it, reduce it to units in closed form without building it at all.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from torch import Tensor
+
+
+class PerSampleGrad:
+    """Per-sample gradient of one parameter from one call of a layer.
+
+    Subclasses implement :meth:`materialize`; :meth:`unit_reduce` is optional.
+    """
+
+    batch: int
+
+    def materialize(self, start: int, stop: int) -> Tensor:
+        """Per-sample gradients of samples ``start:stop``, shaped ``(n, *param.shape)``.
+
+        Returns a new tensor that the caller owns and may overwrite.
+        """
+        raise NotImplementedError
+
+    def unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
+        """``(n, units)`` with units along index 0, computed without materializing, or None."""
+        return None
+
+
+class DenseGrad(PerSampleGrad):
+    """An already computed, small per-sample gradient (biases)."""
+
+    def __init__(self, values: Tensor) -> None:
+        self.values = values
+        self.batch = values.shape[0]
+
+    def materialize(self, start: int, stop: int) -> Tensor:
+        return self.values[start:stop].clone()
+
+
+class ChunkedGrad(PerSampleGrad):
+    """A per-sample gradient computed on demand by ``compute(start, stop)``."""
+
+    def __init__(self, batch: int, compute: Callable[[int, int], Tensor]) -> None:
+        self.batch = batch
+        self.compute = compute
+
+    def materialize(self, start: int, stop: int) -> Tensor:
+        return self.compute(start, stop)
+
+
+class LowRankGrad(PerSampleGrad):
+    """``g_i = left_i @ right_i`` per group: ``left (B, G, R, P)``, ``right (B, G, P, J)``.
+
+    Rows (``G * R``) are the units and ``J`` the entries of each. This is the
+    form of Linear and convolution gradients: ``P`` positions (sequence steps,
+    output pixels), each contributing an outer product. ``right`` may be given
+    as a function of the sample range, so that large patch matrices are only
+    built chunk by chunk.
+    """
+
+    def __init__(
+        self,
+        left: Tensor,
+        right: Callable[[int, int], Tensor],
+        shape: tuple,
+        materialize: Optional[Callable[[int, int], Tensor]] = None,
+    ) -> None:
+        self.left = left
+        self.right = right
+        self.shape = tuple(shape)
+        self.batch = left.shape[0]
+        self._materialize = materialize
+
+    def materialize(self, start: int, stop: int) -> Tensor:
+        if self._materialize is not None:
+            return self._materialize(start, stop)
+        dense = self.left[start:stop] @ self.right(start, stop)
+        return dense.reshape(stop - start, *self.shape)
+
+    def unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
+        left = self.left[start:stop]
+        positions = left.shape[-1]
+        if reduction == "mean":
+            # mean_j sum_p l[r,p] r[p,j] = sum_p l[r,p] * mean_j r[p,j]
+            right_mean = self.right(start, stop).mean(-1, keepdim=True)
+            return (left @ right_mean).reshape(stop - start, -1)
+        if reduction == "mean_abs" and positions == 1:
+            # a rank-1 gradient: mean_j |l_r * r_j| = |l_r| * mean_j |r_j|
+            right_l1 = self.right(start, stop).abs().mean(-1)  # (n, G, 1)
+            return (left[..., 0].abs() * right_l1).reshape(stop - start, -1)
+        return None

@@ -1,0 +1,107 @@
+"""Which parameters a saliency profile covers, who owns them, and how they split into units."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from ..layout import SaliencyLayout
+from .registry import UnitGrouping, find_rule, unit_grouping
+
+#: Modules whose ``weight`` is selected when the user names no parameters (SPEC §1).
+DEFAULT_MODULE_TYPES = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Linear,
+)
+
+
+@dataclass(frozen=True)
+class SelectedParameter:
+    """A selected parameter with everything the engine needs to compute its units."""
+
+    name: str
+    param: nn.Parameter
+    #: (module, attribute name) pairs that hold this parameter directly.
+    owners: Tuple[Tuple[nn.Module, str], ...]
+    grouping: UnitGrouping
+    grouping_module: Optional[nn.Module]
+    num_units: int
+
+    @property
+    def has_rule(self) -> bool:
+        """True when every owner has a per-layer rule (else only the fallback is exact)."""
+        return bool(self.owners) and all(find_rule(m, attr) is not None for m, attr in self.owners)
+
+
+@dataclass(frozen=True)
+class Selection:
+    layout: SaliencyLayout
+    params: Tuple[SelectedParameter, ...]
+
+
+def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                owners.setdefault(id(param), []).append((module, attr))
+    return owners
+
+
+def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) -> Selection:
+    """Resolve ``params`` (names, or None for the default selection) into a :class:`Selection`.
+
+    Raises:
+        ValueError: a name the model does not have, a name given twice, or
+            nothing to select.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ParameterSaliency needs an nn.Module, got {type(model).__name__}")
+    canonical = dict(model.named_parameters())
+    owners = _owners(model)
+    if params is None:
+        wanted = {
+            id(module.weight)
+            for module in model.modules()
+            if isinstance(module, DEFAULT_MODULE_TYPES) and isinstance(module.weight, nn.Parameter)
+        }
+        if not wanted:
+            raise ValueError(
+                "the model has no Conv, ConvTranspose or Linear weight to select by default; "
+                "pass params=[...] with names from model.named_parameters()"
+            )
+    else:
+        if isinstance(params, str):
+            params = [params]
+        aliases = dict(model.named_parameters(remove_duplicate=False))
+        wanted = set()
+        for name in params:
+            if name not in aliases:
+                close = difflib.get_close_matches(name, list(aliases), n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise ValueError(f"the model has no parameter named {name!r}{hint}")
+            if id(aliases[name]) in wanted:
+                raise ValueError(f"parameter {name!r} is listed twice in params=")
+            wanted.add(id(aliases[name]))
+        if not wanted:
+            raise ValueError("params= is empty: name at least one parameter")
+
+    selected = []
+    for name, param in canonical.items():
+        if id(param) not in wanted:
+            continue
+        param_owners = tuple(owners.get(id(param), ()))
+        module = param_owners[0][0] if param_owners else None
+        attr = param_owners[0][1] if param_owners else name.rsplit(".", 1)[-1]
+        grouping, num_units = unit_grouping(module, attr, param.shape)
+        selected.append(SelectedParameter(name, param, param_owners, grouping, module, num_units))
+    layout = SaliencyLayout([(p.name, tuple(p.param.shape), p.num_units) for p in selected])
+    return Selection(layout, tuple(selected))
