@@ -9,6 +9,7 @@ by a batched matmul with the input's patches; with many positions a batched
 
 from __future__ import annotations
 
+import math
 from typing import Dict, FrozenSet
 
 import torch
@@ -20,7 +21,8 @@ from .grads import DenseGrad, LowRankGrad, PerSampleGrad
 from .im2col import im2col
 from .registry import register_rule
 
-#: From this many output positions on, the convolution kernel beats im2col + matmul.
+#: From this many output positions on, a k x k (k > 1) convolution's own weight-gradient
+#: kernel beats im2col + matmul (measured on CPU; 1x1 kernels need no im2col at all).
 CONV_KERNEL_MIN_POSITIONS = 64
 
 
@@ -70,7 +72,7 @@ def conv_per_sample_grads(
             return cols.reshape(stop - start, groups, -1, positions).transpose(-1, -2)
 
         materialize = None
-        if positions >= CONV_KERNEL_MIN_POSITIONS:
+        if positions >= CONV_KERNEL_MIN_POSITIONS and math.prod(module.kernel_size) > 1:
             def materialize(start: int, stop: int) -> Tensor:
                 return _kernel_weight_grads(module, x[start:stop], grad_output[start:stop], padding)
 

@@ -7,6 +7,7 @@ that at most ``chunk_size`` per-sample gradients of those parameters exist.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
@@ -46,7 +47,10 @@ def fallback_unit_saliency(
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
     pieces: Dict[str, list] = {p.name: [] for p in params}
-    with torch.enable_grad() if create_graph else torch.no_grad():
+    with torch.enable_grad() if create_graph else torch.no_grad(), warnings.catch_warnings():
+        # vmap falls back to a loop for ops without batching rules (attention kernels);
+        # that is the point of a fallback, not news for the user on every call.
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for start in range(0, batch, chunk_size):
             stop = min(start + chunk_size, batch)
             extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
