@@ -2,7 +2,17 @@
 
 from ._core.parameter_saliency import ParameterSaliency
 from .layout import LayoutEntry, SaliencyLayout
+from .profile import SaliencyProfile, UnitScore
+from .stats import SaliencyStats
 
 __version__ = "0.1.0"
 
-__all__ = ["LayoutEntry", "ParameterSaliency", "SaliencyLayout", "__version__"]
+__all__ = [
+    "LayoutEntry",
+    "ParameterSaliency",
+    "SaliencyLayout",
+    "SaliencyProfile",
+    "SaliencyStats",
+    "UnitScore",
+    "__version__",
+]

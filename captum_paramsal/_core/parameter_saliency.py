@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from captum.attr import GradientAttribution
@@ -26,6 +26,8 @@ from ..layout import SaliencyLayout
 from ..per_sample import per_sample_unit_saliency, route, select_parameters
 from ..per_sample.batching import slice_batch
 from ..per_sample.reduce import check_reduction
+from ..profile import SaliencyProfile
+from ..stats import SaliencyStats, layout_fingerprint
 
 
 class ParameterSaliency(GradientAttribution):
@@ -62,6 +64,10 @@ class ParameterSaliency(GradientAttribution):
         fallback_chunk_size: samples per chunk in the generic fallback; bounds
             its memory at that many per-sample gradients of the fallback
             parameters.
+        stats: reference :class:`SaliencyStats` (from :meth:`fit_stats` or
+            ``SaliencyStats.load``); when given, :meth:`attribute` returns
+            standardized saliency ``z = (s - mean) / std`` per unit. Statistics of
+            another layout, reduction or loss are refused.
 
     Attributes:
         layout (SaliencyLayout): the columns of the result: one entry per
@@ -81,6 +87,10 @@ class ParameterSaliency(GradientAttribution):
         torch.Size([4, 64])
         >>> # which filter of the whole network is most salient for sample 0?
         >>> ps.layout.unit_of(int(sal[0].argmax()))
+        >>> # standardized against a reference set, as in the paper
+        >>> ps.stats = ps.fit_stats(val_loader)             # iterable of (inputs, labels)
+        >>> z = ps.attribute(images, target=labels)          # z-scores per unit
+        >>> ps.profile(images, target=labels).plot(0)        # the paper's figure
     """
 
     def __init__(
@@ -90,6 +100,7 @@ class ParameterSaliency(GradientAttribution):
         loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
+        stats: Optional[SaliencyStats] = None,
     ) -> None:
         GradientAttribution.__init__(self, model)
         self.model = model
@@ -100,10 +111,25 @@ class ParameterSaliency(GradientAttribution):
         if not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
             raise ValueError(f"fallback_chunk_size must be a positive int, got {fallback_chunk_size!r}")
         self.fallback_chunk_size = fallback_chunk_size
+        self.loss_name = "cross_entropy" if loss_fn is None else _callable_name(loss_fn)
+        self.fingerprint = layout_fingerprint(self.layout, self.reduction, self.loss_name)
+        self.stats = stats
 
     @property
     def layout(self) -> SaliencyLayout:
         return self._selection.layout
+
+    @property
+    def stats(self) -> Optional[SaliencyStats]:
+        return self._stats
+
+    @stats.setter
+    def stats(self, stats: Optional[SaliencyStats]) -> None:
+        if stats is not None:
+            if not isinstance(stats, SaliencyStats):
+                raise TypeError(f"stats must be SaliencyStats or None, got {type(stats).__name__}")
+            stats.check_compatible(self.fingerprint, what="this ParameterSaliency's profiles")
+        self._stats = stats
 
     @log_usage()
     def attribute(
@@ -112,8 +138,9 @@ class ParameterSaliency(GradientAttribution):
         target: TargetType = None,
         additional_forward_args: Any = None,
         internal_batch_size: Optional[int] = None,
+        standardize: bool = True,
     ) -> TensorOrTupleOfTensors:
-        r"""Per-sample unit saliency of ``inputs``.
+        r"""Per-sample unit saliency of ``inputs``, standardized when :attr:`stats` is set.
 
         Args:
             inputs: a batch ``(B, ...)``, or a tuple of batches for a model with
@@ -126,12 +153,31 @@ class ParameterSaliency(GradientAttribution):
                 anything else is passed unchanged to every sample.
             internal_batch_size: at most this many samples per forward/backward,
                 which bounds memory; None processes the batch at once.
+            standardize: with :attr:`stats` set, return z-scores (default) or,
+                with False, the raw profile. Ignored without statistics.
 
         Returns:
             ``(B, F)`` saliency, columns as in :attr:`layout`; a 1-tuple holding
             it when ``inputs`` is a tuple.
         """
         inputs_tuple, is_tuple = format_inputs(inputs)
+        saliency = self._raw_saliency(inputs_tuple, target, additional_forward_args, internal_batch_size)
+        if standardize and self._stats is not None:
+            saliency = self._stats.standardize(saliency)
+        return (saliency,) if is_tuple else saliency
+
+    def _raw_saliency(
+        self,
+        inputs_tuple: tuple,
+        target: TargetType,
+        additional_forward_args: Any,
+        internal_batch_size: Optional[int],
+    ) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "ParameterSaliency needs autograd, which torch.inference_mode() disables; "
+                "call it outside inference_mode (torch.no_grad() is fine)"
+            )
         extra = format_additional_args(additional_forward_args)
         check_internal_batch_size(internal_batch_size)
         device = model_device([p.param for p in self._selection.params])
@@ -157,8 +203,118 @@ class ParameterSaliency(GradientAttribution):
                         self.fallback_chunk_size,
                     )
                 )
-        saliency = torch.cat(rows) if len(rows) > 1 else rows[0]
-        return (saliency,) if is_tuple else saliency
+        return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+    def profile(
+        self,
+        inputs: TensorOrTupleOfTensors,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        internal_batch_size: Optional[int] = None,
+        standardize: bool = True,
+    ) -> SaliencyProfile:
+        """:meth:`attribute` wrapped in a :class:`SaliencyProfile` (values with their layout)."""
+        inputs_tuple, _ = format_inputs(inputs)
+        values = self._raw_saliency(inputs_tuple, target, additional_forward_args, internal_batch_size)
+        standardized = standardize and self._stats is not None
+        if standardized:
+            values = self._stats.standardize(values)
+        return SaliencyProfile(values.detach(), self.layout, standardized)
+
+    def fit_stats(
+        self,
+        data: Iterable,
+        progress: bool = True,
+        max_samples: Optional[int] = None,
+        internal_batch_size: Optional[int] = None,
+        shard: Optional[bool] = None,
+    ) -> SaliencyStats:
+        """Reference statistics over ``data`` in one streaming pass (SPEC §2).
+
+        Args:
+            data: an iterable of ``(inputs, labels)`` batches, a DataLoader
+                included; ``inputs`` is a tensor or a tuple of tensors. Batches are
+                moved to the model's device. The paper uses the whole validation
+                set with its true labels.
+            progress: show a tqdm progress bar (on rank 0 only when distributed).
+            max_samples: stop after this many samples (of this process).
+            internal_batch_size: as in :meth:`attribute`.
+            shard: under ``torch.distributed``, whether this rank takes every
+                ``world_size``-th batch of ``data`` (round robin). Default: yes,
+                unless ``data`` is a DataLoader with a ``DistributedSampler``,
+                which already gives each rank its own shard. The ranks' partial
+                statistics are then combined, so every rank returns the
+                statistics of the whole set.
+
+        Returns:
+            :class:`SaliencyStats` (float64 Welford/Chan accumulation). It does not
+            set :attr:`stats`; assign it to standardize.
+        """
+        import torch.distributed as dist
+        from tqdm.auto import tqdm
+
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        if shard is None:
+            shard = distributed and not _has_distributed_sampler(data)
+        stats = SaliencyStats.empty(self.layout, self.reduction, self.loss_name)
+        device = model_device([p.param for p in self._selection.params])
+        total = max_samples
+        if total is None and not distributed and hasattr(getattr(data, "dataset", None), "__len__"):
+            total = len(data.dataset)
+        bar = tqdm(total=total, disable=not progress or rank != 0, unit="sample", desc="saliency statistics")
+        seen = 0
+        try:
+            for index, batch in enumerate(data):
+                if shard and index % world != rank:
+                    continue
+                inputs, labels = _split_batch(batch, index)
+                inputs_tuple, _ = format_inputs(inputs)
+                inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
+                labels = labels.to(device) if isinstance(labels, Tensor) else labels
+                if max_samples is not None and seen + inputs_tuple[0].shape[0] > max_samples:
+                    keep = max_samples - seen
+                    inputs_tuple = tuple(x[:keep] for x in inputs_tuple)
+                    labels = labels[:keep]
+                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
+                seen += inputs_tuple[0].shape[0]
+                bar.update(inputs_tuple[0].shape[0])
+                if max_samples is not None and seen >= max_samples:
+                    break
+        finally:
+            bar.close()
+        if distributed:
+            stats = stats.all_reduce()
+        if stats.count == 0:
+            raise ValueError("fit_stats saw no samples: data is empty")
+        return stats
 
     def has_convergence_delta(self) -> bool:
         return False
+
+
+def _callable_name(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
+
+
+def _split_batch(batch: Any, index: int):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and {"inputs", "labels"} <= set(batch):
+        return batch["inputs"], batch["labels"]
+    raise ValueError(
+        f"batch {index} of fit_stats data is a {type(batch).__name__}; each batch must be an "
+        "(inputs, labels) pair (inputs a tensor or a tuple of tensors)"
+    )
+
+
+def _has_distributed_sampler(data: Any) -> bool:
+    from torch.utils.data.distributed import DistributedSampler
+
+    return isinstance(getattr(data, "sampler", None), DistributedSampler) or isinstance(
+        getattr(getattr(data, "batch_sampler", None), "sampler", None), DistributedSampler
+    )

@@ -49,16 +49,16 @@ def _reduce_calls(p: SelectedParameter, grads: List[PerSampleGrad], batch: int, 
     if not grads:
         return torch.zeros(batch, p.num_units, dtype=p.param.dtype, device=p.param.device)
     reduce = REDUCTIONS[reduction]
-    # Closed forms give units along index 0, for one call (or any number, for the linear "mean").
-    closed_form = p.grouping is default_grouping and (len(grads) == 1 or reduction == "mean")
+    # Closed forms give units along index 0 without building the gradient, so they take the
+    # whole batch at once; for one call, or any number for the (linear) signed mean.
+    if p.grouping is default_grouping and (len(grads) == 1 or reduction == "mean"):
+        parts = [g.unit_reduce(reduction, 0, batch) for g in grads]
+        if all(part is not None for part in parts):
+            return sum(parts[1:], parts[0])
     chunk = max(1, WORKSPACE_VALUES // max(1, p.param.numel()))
     rows = []
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        parts = [g.unit_reduce(reduction, start, stop) for g in grads] if closed_form else [None]
-        if all(part is not None for part in parts):
-            rows.append(sum(parts))
-            continue
         dense = grads[0].materialize(start, stop)
         for g in grads[1:]:
             dense = dense + g.materialize(start, stop)

@@ -1,0 +1,110 @@
+"""A batch of saliency profiles with the layout that names their columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .layout import SaliencyLayout
+
+
+class UnitScore(NamedTuple):
+    """One unit of one sample's profile."""
+
+    param: str
+    unit: int
+    value: float
+    column: int
+
+
+@dataclass(frozen=True)
+class SaliencyProfile:
+    """Per-sample unit saliency ``values (B, F)`` and the :class:`SaliencyLayout` of its columns.
+
+    ``standardized`` says whether the values are z-scores against reference statistics.
+
+    Examples::
+
+        >>> prof = ps.profile(images, target=labels)
+        >>> prof.top_k(5)[0]            # sample 0's five most salient units
+        [UnitScore(param='layer4.1.conv2.weight', unit=97, value=6.1, column=4711), ...]
+        >>> prof.by_layer("max")        # (B, number of parameters)
+        >>> fig = prof.plot(0)          # the paper's figure; fig.savefig("profile.png")
+    """
+
+    values: Tensor
+    layout: SaliencyLayout
+    standardized: bool = False
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != 2 or self.values.shape[1] != self.layout.num_columns:
+            raise ValueError(
+                f"profile values must be (batch, {self.layout.num_columns}), got {tuple(self.values.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def value_label(self) -> str:
+        return "standardized saliency (z)" if self.standardized else "saliency (mean |grad|)"
+
+    def _check_sample(self, sample: int) -> None:
+        if not -len(self) <= sample < len(self):
+            raise IndexError(f"sample {sample} is out of range for a profile of {len(self)} samples")
+
+    def top_k(self, k: int = 10, largest: bool = True) -> List[List[UnitScore]]:
+        """Per sample, its ``k`` largest (or smallest) units, most extreme first."""
+        if not 1 <= k <= self.layout.num_columns:
+            raise ValueError(f"k must be between 1 and {self.layout.num_columns}, got {k}")
+        values, columns = self.values.detach().float().topk(k, dim=1, largest=largest)
+        rows = []
+        for sample_values, sample_columns in zip(values.tolist(), columns.tolist()):
+            row = []
+            for value, column in zip(sample_values, sample_columns):
+                name, unit = self.layout.unit_of(column)
+                row.append(UnitScore(name, unit, value, column))
+            rows.append(row)
+        return rows
+
+    def by_layer(self, reduce: str = "mean") -> Tensor:
+        """``(B, number of parameters)``: each parameter's units reduced by ``"mean"`` or ``"max"``,
+        columns in ``layout`` order (``layout.names``)."""
+        if reduce not in ("mean", "max"):
+            raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
+        parts = []
+        for entry in self.layout:
+            block = self.values[:, entry.slice]
+            parts.append(block.mean(1) if reduce == "mean" else block.max(1).values)
+        return torch.stack(parts, dim=1)
+
+    def to_records(self) -> List[Dict[str, Any]]:
+        """One dict per (sample, unit): ``sample, param, unit, column, value`` (for pandas/CSV)."""
+        records = []
+        values = self.values.detach().cpu().tolist()
+        for sample, row in enumerate(values):
+            for entry in self.layout:
+                for unit in range(entry.num_units):
+                    column = entry.slice.start + unit
+                    records.append(
+                        {"sample": sample, "param": entry.name, "unit": unit, "column": column, "value": row[column]}
+                    )
+        return records
+
+    def plot(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None):
+        """The paper's figure: each layer's values sorted descending, layers in network order,
+        boundaries marked, the sample's top-``k`` units highlighted. Returns the Figure."""
+        from .visualization import plot_profile
+
+        self._check_sample(sample)
+        return plot_profile(self, sample, k=k, ax=ax)
+
+    def plot_top_k(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None):
+        """A bar chart of the sample's top-``k`` units. Returns the Figure."""
+        from .visualization import plot_top_units
+
+        self._check_sample(sample)
+        return plot_top_units(self, sample, k=k, ax=ax)
