@@ -34,13 +34,32 @@ TargetResolver = Callable[[Tensor], Tensor]
 WORKSPACE_VALUES = 1 << 22
 
 
+@dataclass(frozen=True)
+class LayerCall:
+    """What one call of a rule-covered layer saw: its input and the gradient at its output."""
+
+    module: nn.Module
+    attr: str
+    activation: Tensor
+    grad_output: Tensor
+
+    def per_sample_grad(self, start: int = 0, stop: Optional[int] = None, detach: bool = False) -> PerSampleGrad:
+        """The rule's lazy per-sample gradient for samples ``start:stop`` of this call."""
+        activation, grad_output = self.activation[start:stop], self.grad_output[start:stop]
+        if detach:
+            activation, grad_output = activation.detach(), grad_output.detach()
+        rule = find_rule(self.module, self.attr)
+        return rule(self.module, activation, grad_output, frozenset([self.attr]))[self.attr]
+
+
 @dataclass
 class _Accumulator:
-    """The per-sample gradients of one parameter from each call seen so far."""
+    """The per-sample gradients (or raw calls) of one parameter from each call seen so far."""
 
     param: SelectedParameter
     calls: int = 0
     grads: List[PerSampleGrad] = field(default_factory=list)
+    raw: List[LayerCall] = field(default_factory=list)
     unusable: bool = False
 
 
@@ -84,7 +103,7 @@ def _reduce_calls(
         dense = grads[0].materialize(start, stop, buffer[: (stop - start) * numel])
         for g in grads[1:]:
             dense = dense + g.materialize(start, stop)
-        rows.append(reduce(p.grouping(dense, p.grouping_module)))
+        rows.append(reduce(p.grouping(dense, p.grouping_module), in_place=not dense.requires_grad))
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
@@ -107,9 +126,14 @@ def _rule_pass(
     resolve_target: TargetResolver,
     loss_fn: LossFn,
     reduction: str,
-    create_graph: bool,
-) -> Tuple[Dict[str, Tensor], List[SelectedParameter], Tensor, Tensor]:
-    """Rule-computed ``{name: (B, units)}``, params the rules could not take, output, target."""
+    keep_calls: bool = False,
+) -> Tuple[Dict[str, Any], List[SelectedParameter], Tensor, Tensor]:
+    """One tapped forward and backward over the rule-routed ``params``.
+
+    Returns ``{name: (B, units)}`` (or, with ``keep_calls``, ``{name: [LayerCall]}`` whose
+    tensors stay differentiable with respect to the inputs, for a second derivative), the
+    params the rules could not take after all, the output and the target.
+    """
     batch = inputs[0].shape[0]
     accumulators = {p.name: _Accumulator(p) for p in params}
     by_module: Dict[nn.Module, List[Tuple[str, _Accumulator]]] = {}
@@ -145,9 +169,14 @@ def _rule_pass(
             acc.calls += 1
         names = frozenset(attr for attr, _ in here)
         rule = find_rule(module, next(iter(names)))
-        saved = [activation if create_graph else activation.detach()]
+        saved = [activation if keep_calls else activation.detach()]
 
         def on_grad(grad_output: Tensor) -> None:
+            if keep_calls:
+                kept = saved.pop()
+                for attr, acc in here:
+                    acc.raw.append(LayerCall(module, attr, kept, grad_output))
+                return
             grads = rule(module, saved.pop(), grad_output, names)
             for attr, acc in here:
                 if acc.unusable:
@@ -169,15 +198,16 @@ def _rule_pass(
             target = resolve_target(output.detach())
             losses = _check_losses(loss_fn(output, target), batch)
             if losses.requires_grad:  # False when no tapped output reached the loss
-                torch.autograd.grad(losses.sum(), anchor, create_graph=create_graph, allow_unused=True)
+                torch.autograd.grad(losses.sum(), anchor, create_graph=keep_calls, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    unusable = []
+    unusable = [acc.param for acc in accumulators.values() if acc.unusable]
     for acc in accumulators.values():
         if acc.unusable:
-            unusable.append(acc.param)
             results.pop(acc.param.name, None)
+        elif keep_calls:
+            results[acc.param.name] = acc.raw
         elif acc.param.name not in results:
             finish(acc)  # some calls' outputs never reached the loss: their gradient is zero
     return results, unusable, output.detach(), target
@@ -193,7 +223,6 @@ def per_sample_unit_saliency(
     loss_fn: LossFn,
     reduction: str,
     fallback_chunk_size: int,
-    create_graph: bool = False,
 ) -> Tensor:
     """``(B, F)`` unit saliency of one batch, columns in ``selection.layout`` order.
 
@@ -206,7 +235,7 @@ def per_sample_unit_saliency(
     if rule_params:
         results, unusable, _, target = _rule_pass(
             model, rule_params, routing, inputs, additional_forward_args,
-            resolve_target, loss_fn, reduction, create_graph,
+            resolve_target, loss_fn, reduction,
         )
         fallback_params += unusable
     if fallback_params:
@@ -219,7 +248,7 @@ def per_sample_unit_saliency(
         results.update(
             fallback_unit_saliency(
                 model, fallback_params, inputs, additional_forward_args, target,
-                loss_fn, reduction, fallback_chunk_size, create_graph,
+                loss_fn, reduction, fallback_chunk_size,
             )
         )
     return torch.cat([results[p.name] for p in selection.params], dim=1)

@@ -7,8 +7,9 @@ that at most ``chunk_size`` per-sample gradients of those parameters exist.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,46 @@ from .selection import SelectedParameter
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+@contextlib.contextmanager
+def _quiet_batching_fallbacks() -> Iterator[None]:
+    # vmap falls back to a loop for ops without batching rules (attention kernels);
+    # that is the point of a fallback, not news for the user on every call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        yield
+
+
+def _unit_saliency_of_sample(
+    model: nn.Module,
+    params: Sequence[SelectedParameter],
+    additional_forward_args: Tuple[Any, ...],
+    per_sample_args: Sequence[int],
+    loss_fn: LossFn,
+    reduction: str,
+):
+    """``f(sample, label, extras) -> (F_fallback,)``: one sample's units, for vmap."""
+    reduce = REDUCTIONS[reduction]
+    primals = {p.name: p.param.detach() for p in params}
+
+    def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, extras) -> Tensor:
+        args = list(additional_forward_args)
+        for i, extra in zip(per_sample_args, extras):
+            args[i] = extra.unsqueeze(0)
+        output = functional_call(model, values, (*(x.unsqueeze(0) for x in sample), *args))
+        return loss_fn(output, label.unsqueeze(0)).sum()
+
+    def units(sample: Tuple[Tensor, ...], label: Tensor, extras) -> Tensor:
+        grads = grad(sample_loss)(primals, sample, label, extras)
+        return torch.cat([reduce(p.grouping(grads[p.name].unsqueeze(0), p.grouping_module))[0] for p in params])
+
+    return units
+
+
+def _chunks(batch: int, chunk_size: int):
+    for start in range(0, batch, chunk_size):
+        yield start, min(start + chunk_size, batch)
+
+
 def fallback_unit_saliency(
     model: nn.Module,
     params: Sequence[SelectedParameter],
@@ -30,33 +71,46 @@ def fallback_unit_saliency(
     loss_fn: LossFn,
     reduction: str,
     chunk_size: int,
-    create_graph: bool = False,
 ) -> Dict[str, Tensor]:
     """``{name: (B, units)}`` for ``params``, by torch.func per-sample gradients."""
     batch = inputs[0].shape[0]
-    reduce = REDUCTIONS[reduction]
-    primals = {p.name: p.param.detach() for p in params}
     per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
-
-    def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, extras):
-        args = list(additional_forward_args)
-        for i, extra in zip(per_sample_args, extras):
-            args[i] = extra.unsqueeze(0)
-        output = functional_call(model, values, (*(x.unsqueeze(0) for x in sample), *args))
-        return loss_fn(output, label.unsqueeze(0)).sum()
-
-    per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
-    pieces: Dict[str, list] = {p.name: [] for p in params}
-    with torch.enable_grad() if create_graph else torch.no_grad(), warnings.catch_warnings():
-        # vmap falls back to a loop for ops without batching rules (attention kernels);
-        # that is the point of a fallback, not news for the user on every call.
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
-        for start in range(0, batch, chunk_size):
-            stop = min(start + chunk_size, batch)
+    units = vmap(_unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction))
+    rows = []
+    with torch.no_grad(), _quiet_batching_fallbacks():
+        for start, stop in _chunks(batch, chunk_size):
             extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
-            grads = per_sample_grads(
-                primals, slice_batch(inputs, batch, start, stop), target[start:stop], extras
-            )
-            for p in params:
-                pieces[p.name].append(reduce(p.grouping(grads.pop(p.name), p.grouping_module)))
-    return {name: torch.cat(chunks) for name, chunks in pieces.items()}
+            rows.append(units(slice_batch(inputs, batch, start, stop), target[start:stop], extras))
+    values = torch.cat(rows)
+    split = torch.split(values, [p.num_units for p in params], dim=1)
+    return {p.name: part for p, part in zip(params, split)}
+
+
+def fallback_weighted_input_grads(
+    model: nn.Module,
+    params: Sequence[SelectedParameter],
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    target: Tensor,
+    loss_fn: LossFn,
+    reduction: str,
+    chunk_size: int,
+    weights: Tensor,
+) -> Tuple[Tensor, ...]:
+    """Per sample ``d/dx_i sum_u weights[i, u] * s_i[u]`` over the fallback units (a second
+    derivative: ``grad`` of a function that takes ``grad``), chunked like the saliency."""
+    batch = inputs[0].shape[0]
+    per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
+    units = _unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction)
+
+    def weighted(sample: Tuple[Tensor, ...], label: Tensor, extras, row: Tensor) -> Tensor:
+        return (units(sample, label, extras) * row).sum()
+
+    input_grads = vmap(grad(weighted))
+    parts = []
+    with torch.no_grad(), _quiet_batching_fallbacks():
+        for start, stop in _chunks(batch, chunk_size):
+            extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
+            chunk = slice_batch(inputs, batch, start, stop)
+            parts.append(input_grads(tuple(x.detach() for x in chunk), target[start:stop], extras, weights[start:stop]))
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(inputs)))
