@@ -1,5 +1,6 @@
 """captum-paramsal: parameter-space saliency for PyTorch models, on Captum's interfaces."""
 
+from ._core.parameter_guided_input_saliency import ParameterGuidedInputSaliency
 from ._core.parameter_saliency import ParameterSaliency
 from .layout import LayoutEntry, SaliencyLayout
 from .profile import SaliencyProfile, UnitScore
@@ -9,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LayoutEntry",
+    "ParameterGuidedInputSaliency",
     "ParameterSaliency",
     "SaliencyLayout",
     "SaliencyProfile",

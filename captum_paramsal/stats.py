@@ -166,18 +166,23 @@ class SaliencyStats:
                 "parameter selection, reduction or loss cannot standardize them"
             )
 
-    def standardize(self, saliency: Tensor) -> Tensor:
-        """``(s - mean) / std'`` in the dtype and on the device of ``saliency``."""
+    @property
+    def scale(self) -> Tensor:
+        """``std'``: the standard deviation where it exceeds 1e-12, else 1."""
         if self.count < 2:
             raise ValueError(f"standardizing needs statistics over at least 2 samples, these have {self.count}")
+        std = self.std
+        return torch.where(std > STD_FLOOR, std, torch.ones_like(std))
+
+    def standardize(self, saliency: Tensor) -> Tensor:
+        """``(s - mean) / std'`` in the dtype and on the device of ``saliency``."""
         if saliency.shape[-1] != self.layout.num_columns:
             raise ValueError(
                 f"profiles have {saliency.shape[-1]} columns, the statistics {self.layout.num_columns}"
             )
-        std = self.std
-        std = torch.where(std > STD_FLOOR, std, torch.ones_like(std))
+        scale = self.scale.to(device=saliency.device, dtype=saliency.dtype)
         mean = self._moments.mean.to(device=saliency.device, dtype=saliency.dtype)
-        return (saliency - mean) / std.to(device=saliency.device, dtype=saliency.dtype)
+        return (saliency - mean) / scale
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:

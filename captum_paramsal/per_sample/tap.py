@@ -25,8 +25,11 @@ class GradTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        ctx.on_grad(grad_output)
-        ctx.on_grad = None  # drop the saved activation now, not when the graph dies
+        # Only the first backward reports: a later one (the second-order pass goes back
+        # through the forward graph) passes the gradient through like any identity.
+        if ctx.on_grad is not None:
+            ctx.on_grad(grad_output)
+            ctx.on_grad = None  # drop the saved activation now, not when the graph dies
         dtype, device = ctx.anchor_meta
         return grad_output, torch.zeros((), dtype=dtype, device=device), None
 
