@@ -81,6 +81,31 @@ class _Workspace:
         return buffer[:values]
 
 
+def _closed_form(p: SelectedParameter, grads: List[PerSampleGrad], reduction: str) -> Optional[Tensor]:
+    """The units of all samples without building the gradient, where the structure allows:
+    units along index 0, and one call (or any number, for the linear signed mean)."""
+    if not grads or not _closed_form_applies(p, grads, reduction):
+        return None
+    batch = grads[0].batch
+    parts = [g.unit_reduce(reduction, 0, batch) for g in grads]
+    return sum(parts[1:], parts[0])
+
+
+def samples_per_chunk(p: SelectedParameter, grads: List[PerSampleGrad], reduction: str) -> int:
+    """How many samples a chunk may hold: all when a closed form applies, else a workspace's worth."""
+    if _closed_form_applies(p, grads, reduction):
+        return grads[0].batch if grads else 1
+    return max(1, WORKSPACE_VALUES // max(1, p.param.numel()))
+
+
+def _closed_form_applies(p: SelectedParameter, grads: List[PerSampleGrad], reduction: str) -> bool:
+    return (
+        p.grouping is default_grouping
+        and (len(grads) == 1 or reduction == "mean")
+        and all(g.has_closed_form(reduction) for g in grads)
+    )
+
+
 def _reduce_calls(
     p: SelectedParameter, grads: List[PerSampleGrad], batch: int, reduction: str, workspace: _Workspace
 ) -> Tensor:
@@ -88,12 +113,9 @@ def _reduce_calls(
     if not grads:
         return torch.zeros(batch, p.num_units, dtype=p.param.dtype, device=p.param.device)
     reduce = REDUCTIONS[reduction]
-    # Closed forms give units along index 0 without building the gradient, so they take the
-    # whole batch at once; for one call, or any number for the (linear) signed mean.
-    if p.grouping is default_grouping and (len(grads) == 1 or reduction == "mean"):
-        parts = [g.unit_reduce(reduction, 0, batch) for g in grads]
-        if all(part is not None for part in parts):
-            return sum(parts[1:], parts[0])
+    closed = _closed_form(p, grads, reduction)
+    if closed is not None:
+        return closed
     numel = max(1, p.param.numel())
     chunk = max(1, WORKSPACE_VALUES // numel)
     buffer = workspace.get(min(chunk, batch) * numel, p.param.dtype, p.param.device)

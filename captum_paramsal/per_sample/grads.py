@@ -32,9 +32,13 @@ class PerSampleGrad:
         """
         raise NotImplementedError
 
-    def unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
-        """``(n, units)`` with units along index 0, computed without materializing, or None."""
-        return None
+    def has_closed_form(self, reduction: str) -> bool:
+        """Whether :meth:`unit_reduce` can give ``reduction`` without materializing."""
+        return False
+
+    def unit_reduce(self, reduction: str, start: int, stop: int) -> Tensor:
+        """``(n, units)`` with units along index 0, computed without materializing."""
+        raise NotImplementedError
 
 
 class DenseGrad(PerSampleGrad):
@@ -92,15 +96,17 @@ class LowRankGrad(PerSampleGrad):
             dense = left @ right
         return dense.view(stop - start, *self.shape)
 
-    def unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
+    def has_closed_form(self, reduction: str) -> bool:
+        return reduction == "mean" or (reduction == "mean_abs" and self.left.shape[-1] == 1)
+
+    def unit_reduce(self, reduction: str, start: int, stop: int) -> Tensor:
         left = self.left[start:stop]
-        positions = left.shape[-1]
         if reduction == "mean":
             # mean_j sum_p l[r,p] r[p,j] = sum_p l[r,p] * mean_j r[p,j]
             right_mean = self.right(start, stop).mean(-1, keepdim=True)
             return (left @ right_mean).reshape(stop - start, -1)
-        if reduction == "mean_abs" and positions == 1:
+        if reduction == "mean_abs" and left.shape[-1] == 1:
             # a rank-1 gradient: mean_j |l_r * r_j| = |l_r| * mean_j |r_j|
             right_l1 = self.right(start, stop).abs().mean(-1)  # (n, G, 1)
             return (left[..., 0].abs() * right_l1).reshape(stop - start, -1)
-        return None
+        raise ValueError(f"no closed form for reduction {reduction!r} at rank {left.shape[-1]}")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .engine import WORKSPACE_VALUES, LayerCall, TargetResolver, _reduce_calls, _rule_pass, _Workspace
+from .engine import LayerCall, TargetResolver, _reduce_calls, _rule_pass, _Workspace, samples_per_chunk
 from .fallback import LossFn, fallback_unit_saliency, fallback_weighted_input_grads
 from .routing import Routing
 from .selection import SelectedParameter, Selection
@@ -40,7 +40,7 @@ def _layer_cotangents(
     batch = weights.shape[0]
     tensors = [t for call in calls for t in (call.activation, call.grad_output)]
     cotangents = [torch.zeros_like(t) for t in tensors]
-    chunk = max(1, WORKSPACE_VALUES // max(1, p.param.numel()))
+    chunk = samples_per_chunk(p, [call.per_sample_grad(detach=True) for call in calls], reduction)
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
         leaves = [t[start:stop].detach().requires_grad_() for t in tensors]
