@@ -38,7 +38,16 @@ def conv_transpose_per_sample_grads(
                 grad_output[start:stop], module.kernel_size, module.stride, module.dilation, module.padding
             )
             if cols.shape[-1] != positions:
-                raise RuntimeError(f"conv_transpose rule: {cols.shape[-1]} patches for {positions} positions")
+                # output_padding >= stride (legal when it is below the dilation) adds whole
+                # windows past the last input position; they touch no weight, drop them.
+                grid = [
+                    (size + 2 * pad - dil * (k - 1) - 1) // st + 1
+                    for size, k, st, dil, pad in zip(
+                        grad_output.shape[2:], module.kernel_size, module.stride, module.dilation, module.padding
+                    )
+                ]
+                cols = cols.reshape(*cols.shape[:-1], *grid)
+                cols = cols[(..., *(slice(0, size) for size in activation.shape[2:]))]
             cols = cols.reshape(n, groups, -1, positions)
             x = activation[start:stop].reshape(n, groups, in_channels // groups, positions)
             return torch.matmul(x, cols.transpose(-1, -2)).reshape(n, *module.weight.shape)

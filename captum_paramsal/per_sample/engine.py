@@ -139,6 +139,25 @@ def _check_losses(losses: Tensor, batch: int) -> Tensor:
     return losses
 
 
+def target_without_rules(
+    model: nn.Module,
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    resolve_target: TargetResolver,
+    loss_fn: LossFn,
+) -> Tensor:
+    """The target of a batch that no rule pass has seen (only fallback parameters selected)."""
+    with torch.no_grad():
+        output = model(*inputs, *additional_forward_args)
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+        target = resolve_target(output)
+        # the fallback calls loss_fn one sample at a time, where a batch-mean loss would
+        # pass unnoticed: check its contract once on the whole batch
+        _check_losses(loss_fn(output, target), inputs[0].shape[0])
+    return target
+
+
 def _rule_pass(
     model: nn.Module,
     params: List[SelectedParameter],
@@ -262,11 +281,7 @@ def per_sample_unit_saliency(
         fallback_params += unusable
     if fallback_params:
         if target is None:
-            with torch.no_grad():
-                output = model(*inputs, *additional_forward_args)
-            if not isinstance(output, Tensor):
-                raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
-            target = resolve_target(output)
+            target = target_without_rules(model, inputs, additional_forward_args, resolve_target, loss_fn)
         results.update(
             fallback_unit_saliency(
                 model, fallback_params, inputs, additional_forward_args, target,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import torch
@@ -29,6 +30,24 @@ def _quiet_batching_fallbacks() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         yield
+
+
+@contextlib.contextmanager
+def _without_backward_hooks(model: nn.Module) -> Iterator[None]:
+    # A user's full backward hooks run through an autograd.Function that torch.func
+    # cannot transform, and inside vmap they would see batched tensors anyway. They
+    # observe the model's own backward, not our per-sample one: set them aside for the
+    # functional pass and put the very same dicts back (their handles stay valid).
+    saved = [(m, m._backward_hooks, m._backward_pre_hooks) for m in model.modules()]
+    try:
+        for m, _, _ in saved:
+            m._backward_hooks = OrderedDict()
+            m._backward_pre_hooks = OrderedDict()
+        yield
+    finally:
+        for m, hooks, pre_hooks in saved:
+            m._backward_hooks = hooks
+            m._backward_pre_hooks = pre_hooks
 
 
 def _unit_saliency_of_sample(
@@ -77,7 +96,7 @@ def fallback_unit_saliency(
     per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
     units = vmap(_unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction))
     rows = []
-    with torch.no_grad(), _quiet_batching_fallbacks():
+    with torch.no_grad(), _quiet_batching_fallbacks(), _without_backward_hooks(model):
         for start, stop in _chunks(batch, chunk_size):
             extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
             rows.append(units(slice_batch(inputs, batch, start, stop), target[start:stop], extras))
@@ -108,7 +127,7 @@ def fallback_weighted_input_grads(
 
     input_grads = vmap(grad(weighted))
     parts = []
-    with torch.no_grad(), _quiet_batching_fallbacks():
+    with torch.no_grad(), _quiet_batching_fallbacks(), _without_backward_hooks(model):
         for start, stop in _chunks(batch, chunk_size):
             extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
             chunk = slice_batch(inputs, batch, start, stop)

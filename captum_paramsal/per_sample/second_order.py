@@ -21,7 +21,15 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .engine import LayerCall, TargetResolver, _reduce_calls, _rule_pass, _Workspace, samples_per_chunk
+from .engine import (
+    LayerCall,
+    TargetResolver,
+    _reduce_calls,
+    _rule_pass,
+    _Workspace,
+    samples_per_chunk,
+    target_without_rules,
+)
 from .fallback import LossFn, fallback_unit_saliency, fallback_weighted_input_grads
 from .routing import Routing
 from .selection import SelectedParameter, Selection
@@ -89,8 +97,7 @@ def weighted_saliency_input_grads(
         rule_params = [p for p in rule_params if p not in unusable]
         fallback_params += unusable
     if target is None:
-        with torch.no_grad():
-            target = resolve_target(model(*leaves, *additional_forward_args))
+        target = target_without_rules(model, leaves, additional_forward_args, resolve_target, loss_fn)
     fallback_params = [p for p in selection.params if p in fallback_params]  # layout order
 
     # Phase A: the saliency itself, to choose the weights.

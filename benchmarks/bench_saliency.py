@@ -1,0 +1,661 @@
+"""Benchmark: ParameterSaliency's batched engine against the other ways to get per-sample unit saliency.
+
+What is measured
+----------------
+Every method computes the same thing (SPEC §1): for each sample ``i`` of a batch, the gradient
+of its own cross-entropy loss over the selected weights (every Conv2d / Linear ``weight`` of a
+torchvision ResNet), reduced per unit (conv filter / linear row) to the mean of ``|grad|``,
+giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layout``.
+
+* ``fwd+bwd``  the bar to compare against, not a saliency method: one plain forward and backward
+  of the whole batch (``model.zero_grad()``, ``model(x)``, mean cross-entropy, ``.backward()``).
+* ``engine``   ``ParameterSaliency(model).attribute(x, target=y)``: the library under test.
+* ``naive``    what the paper authors' reference code does: for each sample, a forward of that
+  one sample, its loss, ``torch.autograd.grad`` over the selected weights, then the per-unit
+  mean of ``|grad|``.
+* ``vmap``     ``torch.func``: ``vmap(grad(per-sample loss))`` through ``functional_call`` over
+  the selected weights (the others held fixed), then the same reduction. It materializes every
+  per-sample gradient, so it can run out of memory (``--vmap-chunk`` bounds that); reported as
+  ``OOM`` when it does.
+* ``captum``   Captum's ``SampleGradientWrapper`` (``captum._utils.sample_gradient``): hooks on
+  the Conv2d / Linear layers, one forward and ``compute_param_sample_gradients(loss, "sum")``,
+  which fills ``param.sample_grad`` with per-sample gradients (of the biases too: its API has no
+  way to skip them), then the same reduction. Its hooks need every hooked layer's input to
+  require grad, so the batch is passed with ``requires_grad=True``. ``n/a`` when a selected weight is not a Conv2d or
+  Linear weight.
+
+All methods run with the model in eval mode (as the engine does: samples do not interact
+through BatchNorm), on the same seeded model, inputs and labels, in ONE process.
+
+How
+---
+* Correctness first: each method's result is compared with the naive loop's, the max relative
+  difference is printed (per parameter, ``max|a - ref| / max|ref|``), so every
+  timing below is of equal work. The engine must agree to ``--tolerance`` or the run fails.
+* Time: after that warm-up call of every method, ``--reps`` repetitions, the methods
+  interleaved within each repetition (their order rotated from one repetition to the next);
+  the table shows the median and min wall-clock time (``torch.cuda.synchronize`` around each
+  call on CUDA) and ratios of medians: ``/ engine`` (a baseline's time over the engine's: how
+  many times faster the engine is) and ``/ fwd+bwd`` (the engine's row is the target metric,
+  ``<= 1.5``).
+* Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` during one call (after
+  ``reset_peak_memory_stats``), minus what was allocated before it (model and batch). On CPU
+  PyTorch keeps no allocator statistics, so each method runs once in a child process forked
+  (``multiprocessing``, ``fork`` start method) before the parent has run any computation (an
+  OpenMP thread pool does not survive a fork), which builds the same model and batch, reads
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` before and after the call and reports the
+  increase: peak RSS increase in a forked child, first (cold) call included.
+
+Run ``python benchmarks/bench_saliency.py`` (CPU cases; the CUDA case too when a GPU is
+present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import math
+import multiprocessing
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import captum_paramsal
+from captum_paramsal import ParameterSaliency
+
+METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "naive", "vmap", "captum")
+TARGET_RATIO = 1.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration: a torchvision model, its input size, batch and device."""
+
+    name: str
+    arch: str
+    num_classes: int
+    image_size: int
+    batch: int
+    device: str
+    reps: int
+    quick_image_size: int
+    quick_batch: int
+
+
+CASES: Dict[str, Case] = {
+    "resnet18": Case("resnet18", "resnet18", 10, 32, 64, "cpu", reps=5, quick_image_size=32, quick_batch=8),
+    "resnet50": Case("resnet50", "resnet50", 1000, 224, 8, "cpu", reps=3, quick_image_size=64, quick_batch=2),
+    "resnet50-b64": Case(
+        "resnet50-b64", "resnet50", 1000, 224, 64, "cuda", reps=5, quick_image_size=224, quick_batch=8
+    ),
+}
+
+
+@dataclass
+class Setup:
+    """A built case: the model in eval mode, its batch, labels and the selected weights."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    saliency: ParameterSaliency
+    names: List[str]
+    vmap_chunk: Optional[int] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return getattr(torchvision.models, arch)(num_classes=num_classes)
+
+
+def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int] = None) -> Setup:
+    """Put ``model`` in eval mode and bundle what every method needs (built outside the timing)."""
+    model.eval()
+    saliency = ParameterSaliency(model)
+    names = [entry.name for entry in saliency.layout]
+    params = dict(model.named_parameters())
+    for entry in saliency.layout:
+        if params[entry.name].shape[0] != entry.num_units:
+            raise NotImplementedError(f"the baselines take units along dim 0; {entry.name} has other units")
+    return Setup(model, x, y, saliency, names, vmap_chunk)
+
+
+def build_setup(case: Case, device: str, quick: bool, vmap_chunk: Optional[int]) -> Setup:
+    """The seeded model, batch and labels of ``case`` (identical in every process)."""
+    size, batch = (case.quick_image_size, case.quick_batch) if quick else (case.image_size, case.batch)
+    model = build_model(case.arch, case.num_classes).to(device)
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, size, size).to(device)
+    y = torch.randint(0, case.num_classes, (batch,)).to(device)
+    return make_setup(model, x, y, vmap_chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: each returns the (B, F) saliency (fwd+bwd returns None)
+# ----------------------------------------------------------------------------------------------
+
+
+def _selected(setup: Setup) -> List[nn.Parameter]:
+    params = dict(setup.model.named_parameters())
+    return [params[name] for name in setup.names]
+
+
+def _reduce_per_sample(grads: Sequence[Tensor]) -> Tensor:
+    """``(B, *shape)`` per-sample gradients -> ``(B, F)`` mean of ``|grad|`` per unit (dim 1)."""
+    return torch.cat([g.abs().flatten(2).mean(2) for g in grads], dim=1)
+
+
+def run_fwd_bwd(setup: Setup) -> None:
+    setup.model.zero_grad(set_to_none=True)
+    F.cross_entropy(setup.model(setup.x), setup.y).backward()
+    setup.model.zero_grad(set_to_none=True)
+
+
+def run_engine(setup: Setup) -> Tensor:
+    return setup.saliency.attribute(setup.x, target=setup.y, internal_batch_size=None)
+
+
+def run_naive(setup: Setup) -> Tensor:
+    weights = _selected(setup)
+    rows = []
+    for i in range(setup.x.shape[0]):
+        loss = F.cross_entropy(setup.model(setup.x[i : i + 1]), setup.y[i : i + 1])
+        grads = torch.autograd.grad(loss, weights)
+        rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]))
+    return torch.stack(rows)
+
+
+def run_vmap(setup: Setup) -> Tensor:
+    from torch.func import functional_call, grad, vmap
+
+    model = setup.model
+    selected = {name: p.detach() for name, p in zip(setup.names, _selected(setup))}
+    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in selected}
+    buffers = dict(model.named_buffers())
+
+    def loss_one(weights: Dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        out = functional_call(model, ({**fixed, **weights}, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0), chunk_size=setup.vmap_chunk)(selected, setup.x, setup.y)
+    return _reduce_per_sample([per_sample[name] for name in setup.names])
+
+
+def captum_applies(setup: Setup) -> bool:
+    """Captum's wrapper covers the selection when every selected tensor is a Conv2d/Linear weight."""
+    for name in setup.names:
+        owner, _, leaf = name.rpartition(".")
+        module = setup.model.get_submodule(owner)
+        if leaf != "weight" or type(module) not in (nn.Conv2d, nn.Linear):
+            return False
+    return True
+
+
+def run_captum(setup: Setup) -> Tensor:
+    from captum._utils.sample_gradient import SampleGradientWrapper
+
+    model = setup.model
+    modules = [model.get_submodule(name.rpartition(".")[0]) for name in setup.names]
+    wrapper = SampleGradientWrapper(model, layer_modules=modules)
+    wrapper.add_hooks()
+    try:
+        # its hooks register a gradient hook on every hooked layer's input, the first conv's too
+        x = setup.x.detach().requires_grad_(True)
+        losses = F.cross_entropy(model(x), setup.y, reduction="none")
+        wrapper.compute_param_sample_gradients(losses, loss_mode="sum")
+        saliency = _reduce_per_sample([m.weight.sample_grad for m in modules])
+    finally:
+        wrapper.remove_hooks()
+        for m in modules:
+            for p in (m.weight, m.bias):
+                if p is not None and hasattr(p, "sample_grad"):
+                    del p.sample_grad
+        model.zero_grad(set_to_none=True)
+    return saliency
+
+
+RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
+    "fwd+bwd": run_fwd_bwd,
+    "engine": run_engine,
+    "naive": run_naive,
+    "vmap": run_vmap,
+    "captum": run_captum,
+}
+
+
+def is_oom(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# Correctness
+# ----------------------------------------------------------------------------------------------
+
+
+def max_rel_diff(result: Tensor, reference: Tensor, setup: Setup) -> float:
+    """Max over parameters of ``max|a - ref| / max|ref|`` over that parameter's columns.
+
+    Scaled per parameter, not per entry: a unit whose saliency is 1e-5 of its layer's largest
+    carries float32 round-off of its own size (the naive loop in float32 differs from a float64
+    run by ~1e-3 per entry there), which says nothing about whether the work is the same.
+    """
+    result, reference = result.double().cpu(), reference.double().cpu()
+    worst = 0.0
+    for entry in setup.saliency.layout:
+        a, ref = result[:, entry.slice], reference[:, entry.slice]
+        worst = max(worst, float((a - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
+    return worst
+
+
+def check_engine_matches_naive(setup: Setup) -> float:
+    """The engine's max relative difference from the naive per-sample loop on ``setup``'s batch."""
+    engine = run_engine(setup)
+    naive = run_naive(setup)
+    if engine.shape != naive.shape:
+        raise AssertionError(f"engine gives {tuple(engine.shape)}, naive loop {tuple(naive.shape)}")
+    return max_rel_diff(engine, naive, setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    times: List[float] = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    rel_diff: Optional[float] = None
+    status: str = "ok"  # "ok", "OOM", "n/a" or an error summary
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    device: str
+    input_shape: Tuple[int, ...] = ()
+    num_units: int = 0
+    num_params: int = 0
+    reps: int = 0
+    methods: Dict[str, MethodResult] = field(default_factory=lambda: {m: MethodResult() for m in METHODS})
+    note: str = ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _release_free_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_peak_rss(conn, case: Case, quick: bool, vmap_chunk: Optional[int], method: str) -> None:  # noqa: ANN001
+    try:
+        setup = build_setup(case, "cpu", quick, vmap_chunk)
+        if method == "captum" and not captum_applies(setup):
+            conn.send(("n/a", None))
+            return
+        _release_free_heap()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        RUNNERS[method](setup)
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        conn.send(("ok", (after - before) / 1024.0))  # ru_maxrss is in KiB on Linux
+    except BaseException as error:  # noqa: BLE001 - reported to the parent
+        conn.send(("OOM" if is_oom(error) else f"error: {type(error).__name__}: {error}"[:200], None))
+    finally:
+        conn.close()
+
+
+def cpu_peak_memory(case: Case, quick: bool, vmap_chunk: Optional[int], method: str) -> Tuple[str, Optional[float]]:
+    """Peak RSS increase (MiB) of one call of ``method`` in a forked child process."""
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child_peak_rss, args=(sender, case, quick, vmap_chunk, method))
+    child.start()
+    sender.close()
+    message: Optional[Tuple[str, Optional[float]]] = None
+    try:
+        message = receiver.recv()
+    except EOFError:
+        pass
+    child.join()
+    if message is None:
+        # killed without a word: the kernel's OOM killer (SIGKILL) is the usual reason
+        return ("OOM" if child.exitcode == -9 else f"child died (exit code {child.exitcode})", None)
+    return message
+
+
+def cuda_peak_memory(setup: Setup, method: str) -> float:
+    """Peak of allocated CUDA memory (MiB) during one call, above what was allocated before it."""
+    gc.collect()
+    torch.cuda.synchronize(setup.device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(setup.device)
+    torch.cuda.reset_peak_memory_stats(setup.device)
+    out = RUNNERS[method](setup)
+    torch.cuda.synchronize(setup.device)
+    peak = torch.cuda.max_memory_allocated(setup.device) - base
+    del out
+    return peak / 2**20
+
+
+def measure_case(
+    result: CaseResult,
+    setup: Setup,
+    reps: int,
+    tolerance: float,
+    log: Callable[[str], None],
+    cuda_memory: bool = True,
+) -> None:
+    """Warm-up and correctness, then interleaved timing (and CUDA memory) of every method."""
+    methods = result.methods
+    result.input_shape = tuple(setup.x.shape)
+    result.num_units = setup.saliency.layout.num_columns
+    result.num_params = len(setup.saliency.layout)
+    result.reps = reps
+    if not captum_applies(setup):
+        methods["captum"].status = "n/a"
+    active = [m for m in METHODS if methods[m].status == "ok"]
+
+    # warm-up call of every method; its result is checked against the naive loop's
+    outputs: Dict[str, Optional[Tensor]] = {}
+    for method in ["naive"] + [m for m in active if m != "naive"]:
+        log(f"  {result.case.name}: warm-up + check {method}")
+        try:
+            outputs[method] = RUNNERS[method](setup)
+            _sync(setup.device)
+        except Exception as error:  # noqa: BLE001 - a failing baseline is reported, not fatal
+            if method in ("fwd+bwd", "engine", "naive"):
+                raise
+            methods[method].status = "OOM" if is_oom(error) else f"error: {type(error).__name__}"
+            outputs[method] = None
+            if setup.device.type == "cuda":
+                torch.cuda.empty_cache()
+    reference = outputs["naive"]
+    assert reference is not None
+    for method, out in outputs.items():
+        if out is not None:
+            methods[method].rel_diff = max_rel_diff(out, reference, setup)
+    outputs.clear()
+    engine_diff = methods["engine"].rel_diff
+    assert engine_diff is not None
+    if not engine_diff <= tolerance:
+        raise AssertionError(
+            f"{result.case.name}: the engine differs from the naive loop by {engine_diff:.3g} "
+            f"(relative; tolerance {tolerance:g}): the timings would not be of equal work"
+        )
+    active = [m for m in METHODS if methods[m].status == "ok"]
+
+    if setup.device.type == "cuda" and cuda_memory:
+        for method in active:
+            log(f"  {result.case.name}: CUDA peak memory of {method}")
+            try:
+                methods[method].peak_mib = cuda_peak_memory(setup, method)
+            except Exception as error:  # noqa: BLE001
+                if not is_oom(error) or method in ("engine", "fwd+bwd"):
+                    raise
+                methods[method].status = "OOM"
+                torch.cuda.empty_cache()
+        active = [m for m in METHODS if methods[m].status == "ok"]
+
+    for rep in range(reps):
+        log(f"  {result.case.name}: repetition {rep + 1}/{reps}")
+        order = active[rep % len(active) :] + active[: rep % len(active)]
+        for method in order:
+            gc.collect()
+            _sync(setup.device)
+            start = time.perf_counter()
+            out = RUNNERS[method](setup)
+            _sync(setup.device)
+            methods[method].times.append(time.perf_counter() - start)
+            del out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+HEADER = ("case", "method", "median ms", "min ms", "/ engine", "/ fwd+bwd", "peak MiB", "max rel diff vs naive")
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def table_rows(results: Sequence[CaseResult]) -> List[Tuple[str, ...]]:
+    rows = []
+    for res in results:
+        engine = res.methods["engine"].median
+        fwd_bwd = res.methods["fwd+bwd"].median
+        label = f"{res.case.name} ({res.device}, {'x'.join(map(str, res.input_shape))})"
+        for method in METHODS:
+            m = res.methods[method]
+            if m.status != "ok":
+                rows.append((label, method, m.status, "", "", "", "", ""))
+                continue
+            rows.append(
+                (
+                    label,
+                    method,
+                    _fmt(m.median * 1e3, ".1f"),
+                    _fmt(min(m.times) * 1e3 if m.times else None, ".1f"),
+                    _fmt(m.median / engine, ".2f"),
+                    _fmt(m.median / fwd_bwd, ".2f"),
+                    _fmt(m.peak_mib, ".0f"),
+                    "-" if method == "naive" else _fmt(m.rel_diff, ".1e"),
+                )
+            )
+    return rows
+
+
+def summary_lines(results: Sequence[CaseResult]) -> List[str]:
+    lines = []
+    for res in results:
+        m = res.methods
+        engine = m["engine"].median
+        ratio = engine / m["fwd+bwd"].median
+        verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
+        speedups = ", ".join(
+            f"{name}/engine = {m[name].median / engine:.2f}" if m[name].status == "ok" else f"{name}: {m[name].status}"
+            for name in ("naive", "vmap", "captum")
+        )
+        lines.append(
+            f"{res.case.name} ({res.device}, {res.num_params} weights, {res.num_units} units, {res.reps} reps): "
+            f"engine/fwd+bwd = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict}); {speedups}; "
+            f"engine vs naive max rel diff = {_fmt(m['engine'].rel_diff, '.1e')}"
+        )
+    return lines
+
+
+def format_plain(rows: Sequence[Tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    out = []
+    for i, row in enumerate([HEADER, *rows]):
+        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_markdown(rows: Sequence[Tuple[str, ...]]) -> str:
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(HEADER) - 2)) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment_lines(devices: Sequence[str]) -> List[str]:
+    import captum
+    import torchvision
+
+    lines = [
+        f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, captum {captum.__version__}, "
+        f"captum_paramsal {captum_paramsal.__version__}, Python {platform.python_version()}",
+        f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
+    ]
+    if "cuda" in devices:
+        lines.append(f"GPU: {torch.cuda.get_device_name()}")
+    return lines
+
+
+def memory_note(devices: Sequence[str]) -> str:
+    parts = []
+    if "cpu" in devices:
+        parts.append(
+            "CPU memory: peak RSS increase (ru_maxrss) of one cold call in a forked child process "
+            "that built the same model and batch"
+        )
+    if "cuda" in devices:
+        parts.append("CUDA memory: torch.cuda.max_memory_allocated during one call, above the allocation before it")
+    return "; ".join(parts) + "."
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma-separated cases out of {', '.join(CASES)} (default: all; a CUDA case is skipped without a GPU)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: each case on its own device (resnet18, resnet50 on CPU, resnet50-b64 on CUDA); "
+        "cpu / cuda: every selected case there",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: smaller inputs and batches, 2 repetitions")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per method (default: per case)")
+    parser.add_argument("--vmap-chunk", type=int, default=None, help="vmap chunk_size (default: the whole batch)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max relative difference engine vs naive")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table for docs/PERFORMANCE.md")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    notes: List[str] = []
+    planned: List[CaseResult] = []
+    for name in names:
+        case = CASES[name]
+        device = case.device if args.device == "auto" else args.device
+        if device == "cuda" and not torch.cuda.is_available():
+            notes.append(f"{name}: skipped, CUDA is not available")
+            continue
+        planned.append(CaseResult(case if args.reps is None else replace(case, reps=args.reps), device))
+
+    # CPU memory first, in children forked before this process has run any computation
+    if not args.no_memory:
+        for res in planned:
+            if res.device != "cpu":
+                continue
+            for method in METHODS:
+                log(f"  {res.case.name}: peak memory of {method} (forked child)")
+                status, peak = cpu_peak_memory(res.case, args.quick, args.vmap_chunk, method)
+                res.methods[method].peak_mib = peak
+                if status != "ok":
+                    res.methods[method].status = status
+                    if method in ("fwd+bwd", "engine", "naive"):
+                        raise SystemExit(f"{res.case.name}: {method} failed in the memory child: {status}")
+
+    for res in planned:
+        setup = build_setup(res.case, res.device, args.quick, args.vmap_chunk)
+        reps = 2 if args.quick and args.reps is None else res.case.reps
+        measure_case(res, setup, reps, args.tolerance, log, cuda_memory=not args.no_memory)
+        del setup
+        _release_free_heap()
+        if res.device == "cuda":
+            torch.cuda.empty_cache()
+
+    devices = sorted({res.device for res in planned})
+    rows = table_rows(planned)
+    env = environment_lines(devices)
+    mem = memory_note(devices) if not args.no_memory else "Memory not measured (--no-memory)."
+    ratios = (
+        "Times: median (and min) over the repetitions, methods interleaved; '/ engine' = median time over the "
+        "engine's (a baseline's row: how many times faster the engine is), '/ fwd+bwd' = median time over one "
+        f"plain forward+backward of the batch (the engine's row is the target metric, <= {TARGET_RATIO})."
+    )
+    if args.markdown:
+        print("```")
+        print("\n".join(env))
+        print("```")
+        print()
+        print(format_markdown(rows) if rows else "(no case ran)")
+        print()
+        for line in summary_lines(planned) + notes:
+            print(f"- {line}")
+        print()
+        print(ratios + " " + mem)
+    else:
+        print("\n".join(env))
+        print()
+        print(format_plain(rows) if rows else "(no case ran)")
+        print()
+        for line in summary_lines(planned) + notes:
+            print(line)
+        print(ratios)
+        print(mem)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
