@@ -53,16 +53,12 @@ present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFO
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import math
 import multiprocessing
-import platform
 import resource
-import shlex
 import statistics
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -70,8 +66,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import captum_paramsal
 from captum_paramsal import ParameterSaliency
+
+from bench_common import (
+    build_torchvision_model,
+    interleaved_times,
+    make_logger,
+    print_report,
+    release_free_heap,
+    sync,
+)
 
 METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "naive", "vmap", "captum")
 TARGET_RATIO = 1.5
@@ -122,13 +126,6 @@ class Setup:
         return self.x.device
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    import torchvision
-
-    torch.manual_seed(0)
-    return getattr(torchvision.models, arch)(num_classes=num_classes)
-
-
 def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int] = None) -> Setup:
     """Put ``model`` in eval mode and bundle what every method needs (built outside the timing)."""
     model.eval()
@@ -144,7 +141,7 @@ def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int]
 def build_setup(case: Case, device: str, quick: bool, vmap_chunk: Optional[int]) -> Setup:
     """The seeded model, batch and labels of ``case`` (identical in every process)."""
     size, batch = (case.quick_image_size, case.quick_batch) if quick else (case.image_size, case.batch)
-    model = build_model(case.arch, case.num_classes).to(device)
+    model = build_torchvision_model(case.arch, case.num_classes).to(device)
     torch.manual_seed(1)
     x = torch.randn(batch, 3, size, size).to(device)
     y = torch.randint(0, case.num_classes, (batch,)).to(device)
@@ -307,26 +304,13 @@ class CaseResult:
     note: str = ""
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _release_free_heap() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _child_peak_rss(conn, case: Case, quick: bool, vmap_chunk: Optional[int], method: str) -> None:  # noqa: ANN001
     try:
         setup = build_setup(case, "cpu", quick, vmap_chunk)
         if method == "captum" and not captum_applies(setup):
             conn.send(("n/a", None))
             return
-        _release_free_heap()
+        release_free_heap()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         RUNNERS[method](setup)
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -394,7 +378,7 @@ def measure_case(
         log(f"  {result.case.name}: warm-up + check {method}")
         try:
             outputs[method] = RUNNERS[method](setup)
-            _sync(setup.device)
+            sync(setup.device)
         except Exception as error:  # noqa: BLE001 - a failing baseline is reported, not fatal
             if method in ("fwd+bwd", "engine", "naive"):
                 raise
@@ -429,17 +413,10 @@ def measure_case(
                 torch.cuda.empty_cache()
         active = [m for m in METHODS if methods[m].status == "ok"]
 
-    for rep in range(reps):
-        log(f"  {result.case.name}: repetition {rep + 1}/{reps}")
-        order = active[rep % len(active) :] + active[: rep % len(active)]
-        for method in order:
-            gc.collect()
-            _sync(setup.device)
-            start = time.perf_counter()
-            out = RUNNERS[method](setup)
-            _sync(setup.device)
-            methods[method].times.append(time.perf_counter() - start)
-            del out
+    runners = {method: (lambda method=method: RUNNERS[method](setup)) for method in active}
+    times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {result.case.name}: {m}"))
+    for method, values in times.items():
+        methods[method].times = values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,48 +475,6 @@ def summary_lines(results: Sequence[CaseResult]) -> List[str]:
     return lines
 
 
-def format_plain(rows: Sequence[Tuple[str, ...]]) -> str:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    out = []
-    for i, row in enumerate([HEADER, *rows]):
-        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def format_markdown(rows: Sequence[Tuple[str, ...]]) -> str:
-    out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(HEADER) - 2)) + "|"]
-    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def environment_lines(devices: Sequence[str]) -> List[str]:
-    import captum
-    import torchvision
-
-    lines = [
-        f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, captum {captum.__version__}, "
-        f"captum_paramsal {captum_paramsal.__version__}, Python {platform.python_version()}",
-        f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
-    ]
-    if "cuda" in devices:
-        lines.append(f"GPU: {torch.cuda.get_device_name()}")
-    return lines
-
-
 def memory_note(devices: Sequence[str]) -> str:
     parts = []
     if "cpu" in devices:
@@ -583,10 +518,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
 
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+    log = make_logger()
 
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -621,39 +553,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reps = 2 if args.quick and args.reps is None else res.case.reps
         measure_case(res, setup, reps, args.tolerance, log, cuda_memory=not args.no_memory)
         del setup
-        _release_free_heap()
+        release_free_heap()
         if res.device == "cuda":
             torch.cuda.empty_cache()
 
     devices = sorted({res.device for res in planned})
-    rows = table_rows(planned)
-    env = environment_lines(devices)
     mem = memory_note(devices) if not args.no_memory else "Memory not measured (--no-memory)."
     ratios = (
         "Times: median (and min) over the repetitions, methods interleaved; '/ engine' = median time over the "
         "engine's (a baseline's row: how many times faster the engine is), '/ fwd+bwd' = median time over one "
         f"plain forward+backward of the batch (the engine's row is the target metric, <= {TARGET_RATIO})."
     )
-    if args.markdown:
-        print("```")
-        print("\n".join(env))
-        print("```")
-        print()
-        print(format_markdown(rows) if rows else "(no case ran)")
-        print()
-        for line in summary_lines(planned) + notes:
-            print(f"- {line}")
-        print()
-        print(ratios + " " + mem)
-    else:
-        print("\n".join(env))
-        print()
-        print(format_plain(rows) if rows else "(no case ran)")
-        print()
-        for line in summary_lines(planned) + notes:
-            print(line)
-        print(ratios)
-        print(mem)
+    print_report(devices, HEADER, table_rows(planned), [*summary_lines(planned), *notes, ratios, mem], args.markdown)
     return 0
 
 

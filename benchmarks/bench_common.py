@@ -1,0 +1,151 @@
+"""What every benchmark script shares: the seeded models, interleaved timing, the environment
+lines and the tables. Each script measures ratios against a baseline run side by side in the
+same process (machines are noisy: ratios, not seconds)."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import platform
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import captum_paramsal
+
+
+def build_torchvision_model(arch: str, num_classes: int, seed: int = 0) -> nn.Module:
+    """A torchvision model with seeded random weights (no download), in eval mode."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, arch)(num_classes=num_classes).eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release_free_heap() -> None:
+    """Collect garbage and hand freed heap back to the OS, so one method's peak does not carry."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def interleaved_times(
+    runners: Dict[str, Callable[[], object]],
+    reps: int,
+    device: torch.device,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, List[float]]:
+    """Wall-clock seconds of each runner, ``reps`` times, interleaved within each repetition with
+    the order rotated from one repetition to the next, so that drifting machine load touches every
+    method alike. Warm the runners up before calling this."""
+    names = list(runners)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        if log is not None:
+            log(f"repetition {rep + 1}/{reps}")
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            sync(device)
+            start = time.perf_counter()
+            out = runners[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+            del out
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment_lines(devices: Sequence[str]) -> List[str]:
+    """The command and the versions and hardware behind a table."""
+    import captum
+    import torchvision
+
+    lines = [
+        f"command: {shlex.join(getattr(sys, 'orig_argv', [sys.executable, *sys.argv]))}",
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, captum {captum.__version__}, "
+        f"captum_paramsal {captum_paramsal.__version__}, Python {platform.python_version()}",
+        f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}",
+    ]
+    if "cuda" in devices:
+        lines.append(f"GPU: {torch.cuda.get_device_name()}")
+    return lines
+
+
+def cuda_devices_note(devices: Sequence[str], wanted_cuda: bool) -> List[str]:
+    if wanted_cuda and "cuda" not in devices:
+        return ["CUDA case skipped: no CUDA device on this machine."]
+    return []
+
+
+def format_plain(header: Sequence[str], rows: Sequence[Tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in [tuple(header), *rows]) for i in range(len(header))]
+    out = []
+    for i, row in enumerate([tuple(header), *rows]):
+        out.append("  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def format_markdown(header: Sequence[str], rows: Sequence[Tuple[str, ...]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def print_report(
+    devices: Sequence[str],
+    header: Sequence[str],
+    rows: Sequence[Tuple[str, ...]],
+    lines: Sequence[str],
+    markdown: bool,
+) -> None:
+    """The environment, the table and the summary lines, as plain text or Markdown."""
+    env = environment_lines(devices)
+    if markdown:
+        print("```\n" + "\n".join(env) + "\n```\n")
+        print(format_markdown(header, rows) if rows else "(no case ran)")
+        print()
+        for line in lines:
+            print(f"- {line}")
+    else:
+        print("\n".join(env) + "\n")
+        print(format_plain(header, rows) if rows else "(no case ran)")
+        print()
+        print("\n".join(lines))
+
+
+def make_logger() -> Callable[[str], None]:
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return log
