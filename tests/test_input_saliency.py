@@ -19,7 +19,7 @@ from captum_paramsal.visualization import paper_heatmap
 matplotlib.use("Agg")
 
 
-def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None):
+def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None, reduction="mean_abs"):
     """Per sample: profile with create_graph, top-k (or given) units, boost, cosine, d/dx."""
     model.eval()
     params = dict(model.named_parameters())
@@ -28,7 +28,7 @@ def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None
         xi = x[i : i + 1].clone().requires_grad_(True)
         loss = F.cross_entropy(model(xi), y[i : i + 1])
         grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
-        s = torch.cat([g.abs().reshape(g.shape[0], -1).mean(1) for g in grads])
+        s = torch.cat([unit_values(model, n, g, reduction) for n, g in zip(names, grads)])
         z = (s - stats.mean) / stats.scale if stats is not None else s
         chosen = z.detach().topk(k).indices if units is None else torch.tensor(units[i])
         b = z.detach().clone()
@@ -36,6 +36,15 @@ def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None
         objective = F.cosine_similarity(z, b, dim=0)
         rows.append(torch.autograd.grad(objective, xi)[0])
     return torch.cat(rows)
+
+
+def unit_values(model, name, grad, reduction):
+    """One parameter's units: rows of the gradient, output channels for a transposed conv."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0])
+    if isinstance(owner, nn.ConvTranspose2d) and name.endswith("weight"):
+        grad = grad.transpose(0, 1)  # groups == 1 here: (C_in, C_out, k, k) -> (C_out, C_in, k, k)
+    rows = grad.reshape(grad.shape[0], -1)
+    return rows.abs().mean(1) if reduction == "mean_abs" else rows.mean(1)
 
 
 def rel(a, b):
@@ -76,6 +85,50 @@ def test_matches_naive_double_backprop(make_model, shape, with_stats):
     # the constructor path gives the same thing
     direct = ParameterGuidedInputSaliency(model, stats=ps.stats, k=3).attribute(x, target=y)
     assert torch.allclose(direct, ours, rtol=1e-10, atol=0)
+
+
+class _Twice(nn.Module):
+    """One convolution called twice: the rules sum its per-sample gradients."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(torch.tanh(self.conv(x)))
+
+
+# Geometries of every path of the second-order pass: many positions (the per-sample kernel
+# adjoint by grouped convolution), few positions (the im2col factors), 1x1 (patches as view),
+# padding modes other than zeros, transposed convolutions (autograd through the rule).
+SECOND_ORDER_CASES = [
+    ("conv1d_many_positions", lambda: nn.Conv1d(2, 4, 5, stride=2, padding=3, dilation=2, groups=2), (2, 150)),
+    ("conv1d_same_circular", lambda: nn.Conv1d(2, 4, 4, padding="same", padding_mode="circular"), (2, 80)),
+    ("conv2d_many_positions_grouped", lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (4, 17, 17)),
+    ("conv2d_depthwise_dilated", lambda: nn.Conv2d(3, 6, 3, dilation=2, groups=3, padding=2), (3, 9, 9)),
+    ("conv2d_reflect_few_positions", lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 5, 5)),
+    ("conv2d_1x1_strided", lambda: nn.Conv2d(3, 4, 1, stride=2), (3, 9, 9)),
+    ("conv3d_many_positions", lambda: nn.Conv3d(2, 3, 3, padding=1), (2, 5, 5, 5)),
+    ("conv_transpose2d", lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 5, 5)),
+    ("conv2d_used_twice", lambda: _Twice(nn.Conv2d(3, 3, 3, padding=1)), (3, 9, 9)),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean_abs", "mean"])
+@pytest.mark.parametrize("name, make_layer, shape", SECOND_ORDER_CASES, ids=[c[0] for c in SECOND_ORDER_CASES])
+def test_conv_geometries_match_naive(name, make_layer, shape, reduction):
+    torch.manual_seed(0)
+    layer = make_layer()
+    with torch.no_grad():
+        width = layer(torch.zeros(1, *shape)).numel()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.Linear(width, 4)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (3,), generator=g)
+    pgis = ParameterGuidedInputSaliency(model, k=3, reduction=reduction)
+    expected = naive_boosting(model, x, y, list(pgis.layout.names), k=3, reduction=reduction)
+    assert rel(pgis.attribute(x, target=y), expected) < 1e-4
+    assert rel(pgis.attribute(x, target=y, internal_batch_size=2), expected) < 1e-4
 
 
 def test_fallback_parameters_and_internal_batch_size():

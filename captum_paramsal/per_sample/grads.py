@@ -8,7 +8,7 @@ allows it, reduce it to units in closed form without building it at all.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,22 @@ class PerSampleGrad:
     def has_closed_form(self, reduction: str) -> bool:
         """Whether :meth:`unit_reduce` can give ``reduction`` without materializing."""
         return False
+
+    def pull_back(
+        self, start: int, stop: int, cotangent: Tensor, row_scale: Tensor
+    ) -> Optional[List[Tuple[Tensor, Tensor]]]:
+        """Carry a cotangent of :meth:`materialize`'s result back toward the rule's inputs.
+
+        The cotangent is ``row_scale[:, r] * cotangent[:, r, ...]`` with rows ``r`` along the
+        parameter's first axis (``cotangent`` is ``(n, *param.shape)``, ``row_scale`` is
+        ``(n, rows)``; the caller may overwrite ``cotangent``). Returns ``(tensor, its
+        cotangent)`` pairs whose tensors autograd links to the call's activation and output
+        gradient, or ``None`` when the gradient has no such rule (the caller then
+        differentiates through :meth:`materialize`). Call it with autograd enabled; the
+        cotangents themselves are not tracked. The second-order pass uses this to skip
+        autograd over ``n x numel`` values.
+        """
+        return None
 
     def unit_reduce(self, reduction: str, start: int, stop: int) -> Tensor:
         """``(n, units)`` with units along index 0, computed without materializing."""
@@ -79,22 +95,41 @@ class LowRankGrad(PerSampleGrad):
         right: Callable[[int, int], Tensor],
         shape: tuple,
         materialize: Optional[Callable[[int, int], Tensor]] = None,
+        pull_back: Optional[Callable[[int, int, Tensor, Tensor], List[Tuple[Tensor, Tensor]]]] = None,
     ) -> None:
         self.left = left
         self.right = right
         self.shape = tuple(shape)
         self.batch = left.shape[0]
         self._materialize = materialize
+        self._pull_back = pull_back
 
     def materialize(self, start: int, stop: int, out: Optional[Tensor] = None) -> Tensor:
         if self._materialize is not None:
             return self._materialize(start, stop)
         left, right = self.left[start:stop], self.right(start, stop)
-        if out is not None and not (left.requires_grad or right.requires_grad):  # out= has no autograd
+        tracked = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
+        if out is not None and not tracked:  # out= has no autograd
             dense = torch.matmul(left, right, out=out.view(*left.shape[:-1], right.shape[-1]))
         else:
             dense = left @ right
         return dense.view(stop - start, *self.shape)
+
+    def pull_back(
+        self, start: int, stop: int, cotangent: Tensor, row_scale: Tensor
+    ) -> List[Tuple[Tensor, Tensor]]:
+        if self._pull_back is not None:
+            return self._pull_back(start, stop, cotangent, row_scale)
+        # d(left @ right) with the row scale on the small factors, never on the dense values
+        left, right = self.left[start:stop], self.right(start, stop)
+        with torch.no_grad():
+            scale = row_scale.reshape(*left.shape[:-1], 1)
+            c = cotangent.view(*left.shape[:-1], right.shape[-1])
+            # a contiguous right factor: MKL's batched GEMM is several times slower on the
+            # transposed patches that im2col leaves behind
+            d_left = (c @ right.contiguous().transpose(-1, -2)).mul_(scale)
+            d_right = (left * scale).transpose(-1, -2) @ c
+        return [(left, d_left), (right, d_right)]
 
     def has_closed_form(self, reduction: str) -> bool:
         return reduction == "mean" or (reduction == "mean_abs" and self.left.shape[-1] == 1)

@@ -16,7 +16,7 @@ no per-sample gradient outlives its chunk.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .engine import (
     LayerCall,
     TargetResolver,
+    _closed_form_applies,
     _reduce_calls,
     _rule_pass,
     _Workspace,
@@ -31,6 +32,8 @@ from .engine import (
     target_without_rules,
 )
 from .fallback import LossFn, fallback_unit_saliency, fallback_weighted_input_grads
+from .grads import PerSampleGrad
+from .registry import default_grouping
 from .routing import Routing
 from .selection import SelectedParameter, Selection
 
@@ -39,6 +42,37 @@ def _saliency_from_calls(p: SelectedParameter, calls: List[LayerCall], batch: in
     with torch.no_grad():
         grads = [call.per_sample_grad(detach=True) for call in calls]
         return _reduce_calls(p, grads, batch, reduction, workspace)
+
+
+def _mean_abs_pull_back(
+    p: SelectedParameter, grads: List[PerSampleGrad], weights: Tensor, workspace: _Workspace
+) -> Optional[List[Tuple[Tensor, Tensor]]]:
+    """``(tensor, cotangent)`` pairs of ``sum(weights * mean_abs units)`` through the rules'
+    own :meth:`~.grads.PerSampleGrad.pull_back`, or ``None`` where a rule has none.
+
+    By hand rather than by autograd through the dense gradient, whose ``abs``, its backward's
+    ``sgn`` and ``mul`` and the mean's broadcast would each pass over ``n x numel`` values:
+    here the dense gradient is built once into the workspace and turned into its signs in
+    place (``d|G|/dG = sgn(G)``, autograd's convention at 0), scaled per unit by the weight
+    over the unit's size, and handed to each call's rule.
+    """
+    if p.grouping is not default_grouping:
+        return None
+    batch, numel = weights.shape[0], p.param.numel()
+    row_scale = weights / (numel // p.num_units)
+    with torch.no_grad():
+        dense = grads[0].materialize(0, batch, workspace.get(batch * numel, p.param.dtype, p.param.device))
+        for g in grads[1:]:
+            dense += g.materialize(0, batch)
+        signs = dense.sgn_()
+    pairs: List[Tuple[Tensor, Tensor]] = []
+    for i, g in enumerate(grads):
+        # a rule may overwrite the cotangent it is given: the last one gets the original
+        part = g.pull_back(0, batch, signs if i == len(grads) - 1 else signs.clone(), row_scale)
+        if part is None:
+            return None
+        pairs += part
+    return pairs
 
 
 def _layer_cotangents(
@@ -57,9 +91,14 @@ def _layer_cotangents(
                 LayerCall(call.module, call.attr, leaves[2 * i], leaves[2 * i + 1]).per_sample_grad()
                 for i, call in enumerate(calls)
             ]
-            values = _reduce_calls(p, grads, stop - start, reduction, workspace)
-            objective = (values * weights[start:stop]).sum()
-            parts = torch.autograd.grad(objective, leaves, allow_unused=True)
+            pairs = None
+            if reduction == "mean_abs" and not _closed_form_applies(p, grads, reduction):
+                pairs = _mean_abs_pull_back(p, grads, weights[start:stop], workspace)
+            if pairs is None:
+                values = _reduce_calls(p, grads, stop - start, reduction, workspace)
+                pairs = [((values * weights[start:stop]).sum(), None)]
+            outputs, grad_outputs = zip(*pairs)
+            parts = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
         for cotangent, part in zip(cotangents, parts):
             if part is not None:
                 cotangent[start:stop] += part
