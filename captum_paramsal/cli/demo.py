@@ -8,7 +8,7 @@ import math
 import torch
 import torchvision
 
-from ._core.parameter_saliency import ParameterSaliency
+from .._core.parameter_saliency import ParameterSaliency
 
 
 def generated_images(count: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -48,3 +48,24 @@ def run_demo(num_images: int = 4, top_k: int = 5, seed: int = 0, device: str = "
             name, unit = layout.unit_of(column)
             print(f"  {rank}. {name:<28} unit {unit:>4}   saliency {value:.3e}")
     return saliency
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="a ResNet-18 with random weights on generated images: each image's top salient filters",
+        description="Run ParameterSaliency on a torchvision ResNet-18 with random weights and a few "
+        "generated images, and print each image's most salient filters.",
+    )
+    parser.add_argument("--images", type=int, default=4, help="how many images (default 4)")
+    parser.add_argument("--top-k", type=int, default=5, help="filters to list per image (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    if args.images < 1 or args.top_k < 1:
+        raise ValueError("--images and --top-k must be at least 1")
+    run_demo(num_images=args.images, top_k=args.top_k, seed=args.seed, device=args.device)
+    return 0

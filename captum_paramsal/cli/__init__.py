@@ -1,0 +1,1 @@
+"""The ``captum-paramsal`` command line: one module per subcommand, wired in :mod:`.main`."""

@@ -1,0 +1,96 @@
+"""``captum-paramsal stats``: reference statistics of a torchvision model over an image folder.
+
+One process, or one per GPU under ``torchrun``: each rank reads its own share of the images
+(every ``world_size``-th, no repeats), the partial statistics are all-reduced, rank 0 writes
+the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "stats",
+        help="fit standardization statistics of a torchvision model over an image folder",
+        description="Fit ParameterSaliency reference statistics (per-unit mean and std of the saliency, "
+        "SPEC §2) of a torchvision model over an image folder (root/<class>/<image>, labels from the "
+        "class folders, in sorted order as torchvision's ImageFolder gives them) and write them as "
+        "safetensors. Under torchrun, every process takes its own share of the images.",
+    )
+    parser.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="local weights file (.safetensors, or a torch.save state dict)")
+    weights.add_argument("--weights-name", help="torchvision weights enum, e.g. IMAGENET1K_V2 (must be cached)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    parser.add_argument("--data", required=True, help="image folder: root/<class>/<image>")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    parser.add_argument("--internal-batch-size", type=int, default=None, help="bound memory: samples per pass")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
+    parser.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("image_size", "batch_size", "max_samples", "internal_batch_size", "num_classes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be at least 0, got {args.workers}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+
+    from .._core.parameter_saliency import ParameterSaliency
+    from ..images import image_folder, shard, stack_batch
+    from ..models import load_torchvision_model
+
+    _check(args)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device(args.device)
+    started_group = False
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started_group = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        model = load_torchvision_model(args.model, args.weights, args.weights_name, args.num_classes).to(device)
+        dataset = image_folder(args.data, args.image_size)
+        loader = DataLoader(
+            shard(dataset, rank, world, args.max_samples), batch_size=args.batch_size,
+            num_workers=args.workers, collate_fn=stack_batch, pin_memory=device.type == "cuda",
+        )
+        ps = ParameterSaliency(model)
+        stats = ps.fit_stats(
+            loader, progress=not args.no_progress, internal_batch_size=args.internal_batch_size, shard=False
+        )
+        if rank == 0:
+            stats.save(args.out)
+            print(
+                f"statistics of {args.model} over {stats.count} images of {args.data} "
+                f"({ps.layout.num_columns} units in {len(ps.layout)} parameters, {world} process(es)) -> {args.out}"
+            )
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+    return 0
+
+

@@ -1,0 +1,138 @@
+"""The command line end to end: demo, and stats over a small local image folder (one process
+and two under torchrun, gloo), with every error path answered in one clear line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from captum_paramsal import ParameterSaliency, SaliencyStats
+from captum_paramsal.cli.main import main
+from captum_paramsal.images import image_folder, stack_batch
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Two classes of small generated images, and a resnet18 (2 classes) weights file."""
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (root / "images" / cls).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "images" / cls / f"{i}.png")
+    torch.manual_seed(0)
+    save_file(torchvision.models.resnet18(num_classes=2).state_dict(), str(root / "resnet18.safetensors"))
+    return root
+
+
+def stats_args(folder, out, *extra):
+    return ["stats", "--model", "resnet18", "--num-classes", "2", "--weights", str(folder / "resnet18.safetensors"),
+            "--data", str(folder / "images"), "--image-size", "32", "--batch-size", "4", "--out", str(out),
+            "--no-progress", *extra]
+
+
+def reference_stats(folder, max_samples=None):
+    from captum_paramsal.models import load_torchvision_model
+
+    model = load_torchvision_model("resnet18", str(folder / "resnet18.safetensors"), num_classes=2)
+    # the CLI's batches (4 images), so that the float32 per-sample values are the same
+    loader = DataLoader(image_folder(str(folder / "images"), 32), batch_size=4, collate_fn=stack_batch)
+    return ParameterSaliency(model).fit_stats(loader, progress=False, max_samples=max_samples)
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_demo(capsys):
+    assert main(["demo", "--images", "2", "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "image 0" in out and "image 1" in out and out.count("saliency") >= 6
+
+
+def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
+    out = tmp_path / "stats.safetensors"
+    assert main(stats_args(folder, out)) == 0
+    assert str(out) in capsys.readouterr().out
+    got, expected = SaliencyStats.load(str(out)), reference_stats(folder)
+    assert got.count == expected.count == 10
+    assert rel(got.mean, expected.mean) < 1e-10 and rel(got.std, expected.std) < 1e-10
+    assert got.fingerprint == expected.fingerprint
+    assert main(stats_args(folder, tmp_path / "four.safetensors", "--max-samples", "4")) == 0
+    four = SaliencyStats.load(str(tmp_path / "four.safetensors"))
+    assert four.count == 4 and rel(four.mean, reference_stats(folder, max_samples=4).mean) < 1e-10
+
+
+def test_stats_under_torchrun_equals_one_process(folder, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    assert main(stats_args(folder, one)) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+               "-m", "captum_paramsal", *stats_args(folder, two)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    a, b = SaliencyStats.load(str(one)), SaliencyStats.load(str(two))
+    assert a.count == b.count == 10
+    # each rank's batches hold other images than one process's, and a float32 network's
+    # per-sample saliency moves with its batch at round-off level; the merge itself is exact
+    # to 1e-10 (tests/test_stats.py, float64, 2 gloo processes)
+    assert rel(b.mean, a.mean) < 1e-5 and rel(b.std, a.std) < 1e-5
+    assert a.fingerprint == b.fingerprint
+
+
+def test_stats_errors(folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s.safetensors"
+
+    def error_of(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    images = str(folder / "images")
+    assert "image folder not found" in error_of(stats_args(folder, out)[:9] + ["--data", str(tmp_path / "nope"),
+                                                                              "--out", str(out)])
+    (tmp_path / "empty").mkdir()
+    assert "no images in" in error_of(["stats", "--model", "resnet18", "--data", str(tmp_path / "empty"),
+                                       "--out", str(out)])
+    assert "unknown torchvision model 'resnet9000'" in error_of(["stats", "--model", "resnet9000", "--data", images,
+                                                                 "--out", str(out)])
+    assert "weights file not found" in error_of(["stats", "--model", "resnet18", "--weights", str(tmp_path / "w.pt"),
+                                                 "--data", images, "--out", str(out)])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert "cannot read weights file" in error_of(["stats", "--model", "resnet18", "--weights",
+                                                   str(tmp_path / "bad.safetensors"), "--data", images,
+                                                   "--out", str(out)])
+    assert "does not fit resnet18" in error_of(["stats", "--model", "resnet18", "--weights",
+                                                str(folder / "resnet18.safetensors"), "--data", images,
+                                                "--out", str(out)])  # 1000 classes expected, the file has 2
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    assert "not in the local cache" in error_of(["stats", "--model", "resnet18", "--weights-name", "IMAGENET1K_V1",
+                                                 "--data", images, "--out", str(out)])
+    assert "output folder does not exist" in error_of(stats_args(folder, tmp_path / "no" / "s.safetensors"))
+    assert "--batch-size must be at least 1" in error_of(stats_args(folder, out, "--batch-size", "0"))
+    broken = tmp_path / "broken"
+    (broken / "cls").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(broken / "cls" / "ok.png")
+    (broken / "cls" / "truncated.png").write_bytes((broken / "cls" / "ok.png").read_bytes()[:20])
+    err = error_of(["stats", "--model", "resnet18", "--data", str(broken), "--out", str(out), "--image-size", "32",
+                    "--no-progress"])
+    assert "cannot read image" in err and "truncated.png" in err
+    assert not out.exists()
+
+
+def test_help_of_each_subcommand(capsys):
+    for command in ("demo", "stats"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"captum-paramsal {command}" in capsys.readouterr().out
