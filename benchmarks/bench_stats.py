@@ -13,8 +13,9 @@ generated images, one DataLoader of ``(inputs, labels)`` batches:
   ``|grad|`` kept; at the end the mean and std of the stacked profiles.
 * ``fwd+bwd``    context, not a method: one plain forward+backward of every batch.
 
-The two results are compared first (max relative difference of mean and std), then timed
-interleaved; the table gives samples per second and ``fit_stats / naive``, the speed-up.
+The two results are compared first on a float64 copy of the model (max relative difference
+of mean and std; see :func:`check_float64`), then timed interleaved in float32; the table
+gives samples per second and ``fit_stats / naive``, the speed-up.
 
 Run ``python benchmarks/bench_stats.py`` (``--quick`` for a smoke run, ``--markdown`` for
 docs/PERFORMANCE.md). The CUDA case runs when a GPU is present.
@@ -23,6 +24,7 @@ docs/PERFORMANCE.md). The CUDA case runs when a GPU is present.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -70,7 +72,7 @@ def naive_stats(model, names: Sequence[str], loader: DataLoader, device: torch.d
         for i in range(x.shape[0]):
             loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
             grads = torch.autograd.grad(loss, weights)
-            rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]).double())
+            rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]).to(torch.float64))
     profiles = torch.stack(rows)
     return profiles.mean(0), profiles.std(0)  # sample std (N - 1), SPEC §2
 
@@ -86,6 +88,22 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double().cpu() - b.double().cpu()).abs().max() / b.double().abs().max().cpu())
 
 
+def check_float64(model, loader: DataLoader, device: torch.device, samples: int = 64) -> float:
+    """fit_stats against the naive loop on a float64 copy of the model and the first samples.
+
+    In float32 the two differ by up to ~1e-3 (relative) in the early layers of a randomly
+    initialized ResNet: batched and one-sample convolutions round differently, and a ReLU or
+    max-pool tie that flips in one sample moves that sample's gradient. In float64 they agree
+    to round-off, which is what shows that the timed runs do the same work."""
+    model64 = copy.deepcopy(model).double()
+    x, y = loader.dataset.tensors
+    loader64 = DataLoader(TensorDataset(x[:samples].double(), y[:samples]), batch_size=loader.batch_size)
+    ps = ParameterSaliency(model64)
+    stats = ps.fit_stats(loader64, progress=False)
+    mean, std = naive_stats(model64, ps.layout.names, loader64, device)
+    return max(rel_diff(stats.mean, mean), rel_diff(stats.std, std))
+
+
 def run_case(case: Case, device: str, quick: bool, reps: int, log) -> Tuple[List[Tuple[str, ...]], str]:
     model = build_torchvision_model(case.arch, NUM_CLASSES).to(device)
     loader = make_loader(case, quick)
@@ -93,12 +111,12 @@ def run_case(case: Case, device: str, quick: bool, reps: int, log) -> Tuple[List
     ps = ParameterSaliency(model)
     dev = torch.device(device)
 
-    log(f"{case.name}: warm-up and check")
-    stats = ps.fit_stats(loader, progress=False)
-    mean, std = naive_stats(model, ps.layout.names, loader, dev)
-    diff = max(rel_diff(stats.mean, mean), rel_diff(stats.std, std))
-    if diff > 1e-4:
+    log(f"{case.name}: check (float64) and warm-up")
+    diff = check_float64(model, loader, dev)
+    if diff > 1e-8:
         raise AssertionError(f"{case.name}: fit_stats differs from the naive loop by {diff:.3g}")
+    ps.fit_stats(loader, progress=False)
+    naive_stats(model, ps.layout.names, loader, dev)
     fwd_bwd(model, loader, dev)
 
     runners = {
@@ -118,7 +136,7 @@ def run_case(case: Case, device: str, quick: bool, reps: int, log) -> Tuple[List
         f"{case.name}: fit_stats {samples / times['fit_stats']:.0f} samples/s, naive loop "
         f"{samples / times['naive']:.0f} samples/s: "
         f"fit_stats / naive speed-up = {times['naive'] / times['fit_stats']:.2f}; "
-        f"max rel diff of mean and std vs naive = {diff:.1e}; {reps} reps"
+        f"max rel diff of mean and std vs naive (float64) = {diff:.1e}; {reps} reps"
     )
     return rows, summary
 
