@@ -143,3 +143,30 @@ def model_device(params: Sequence[nn.Parameter]) -> torch.device:
     if len(devices) > 1:
         raise ValueError(f"the selected parameters span several devices {sorted(map(str, devices))}")
     return next(iter(devices))
+
+
+def atomic_write(path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically: a temporary file beside it, fsync, rename.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old one.
+    The file gets the usual permissions (``0666`` less the umask), not mkstemp's ``0600``.
+    """
+    import os
+    import tempfile
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".captum-paramsal-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
+from ._utils import atomic_write
 from .layout import SaliencyLayout
 
 FORMAT_NAME = "captum-paramsal/saliency-stats"
@@ -202,20 +202,7 @@ class SaliencyStats:
             "loss": self.loss,
             "layout": json.dumps([[e.name, list(e.shape), e.num_units] for e in self.layout]),
         }
-        payload = save_bytes(tensors, metadata=metadata)
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".stats-", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, save_bytes(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> SaliencyStats:
