@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m captum_paramsal demo
+	$(VENV)/bin/captum-paramsal demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check captum_paramsal tests benchmarks
@@ -24,7 +24,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_saliency.py
+	$(PY) benchmarks/bench_saliency.py && $(PY) benchmarks/bench_stats.py && $(PY) benchmarks/bench_input_saliency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -4,6 +4,7 @@ and two under torchrun, gloo), with every error path answered in one clear line.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -54,10 +55,75 @@ def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_demo(capsys):
-    assert main(["demo", "--images", "2", "--top-k", "3"]) == 0
+def referenced_files_exist(report):
+    html = report.read_text()
+    sources = re.findall(r"src='([^']+)'|src=\"([^\"]+)\"", html)
+    sources = [a or b for a, b in sources]
+    assert sources, "the report shows no figures"
+    for source in sources:
+        assert (report.parent / source).read_bytes()[:4] == b"\x89PNG", source
+    return html
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "report"), "--samples", "2", "--top-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert "image 0" in out and "image 1" in out and out.count("saliency") >= 6
+    assert "misclassified" in out and out.count("z =") == 6
+    assert "| 1 | salient |" in out
+    report = tmp_path / "report" / "report.html"
+    assert f"Report: {report}" in out
+    html = referenced_files_exist(report)
+    assert html.count("<section>") == 2 and "pruning_curves.png" in html and "IntegratedGradients" in html
+
+
+def test_explain_digits_images(tmp_path, capsys):
+    from captum_paramsal.zoo import load_digits_model
+
+    _, _, data = load_digits_model(with_stats=False)
+    x, y = data.test_set()
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray((x[i, 0] * 255).round().byte().numpy()).save(paths[-1])
+    labels = [str(int(v)) for v in y[:3]]
+    assert main(["explain", "--model", "digits", "--images", *paths, "--labels", *labels,
+                 "--out", str(tmp_path / "r")]) == 0
+    assert "Report:" in capsys.readouterr().out
+    html = referenced_files_exist(tmp_path / "r" / "report.html")
+    assert html.count("<section>") >= 1
+
+
+def test_explain_torchvision_model_on_a_folder(folder, tmp_path, capsys):
+    stats = tmp_path / "s.safetensors"
+    assert main(stats_args(folder, stats)) == 0
+    assert main(["explain", "--model", "resnet18", "--num-classes", "2", "--weights",
+                 str(folder / "resnet18.safetensors"), "--stats", str(stats), "--data", str(folder / "images"),
+                 "--image-size", "32", "--max-samples", "2", "--out", str(tmp_path / "r")]) == 0
+    html = referenced_files_exist(tmp_path / "r" / "report.html")
+    assert html.count("<section>") == 2 and ("cat" in html or "dog" in html)
+
+
+def test_explain_errors(folder, tmp_path, capsys):
+    def error_of(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    images = str(folder / "images")
+    one = str(folder / "images" / "cat" / "0.png")
+    assert "--stats is required" in error_of(["explain", "--model", "resnet18", "--data", images])
+    assert "image not found" in error_of(["explain", "--model", "digits", "--images", str(tmp_path / "x.png"),
+                                          "--labels", "1"])
+    assert "one --labels entry per image" in error_of(["explain", "--model", "digits", "--images", one])
+    assert "class indices in [0, 10)" in error_of(["explain", "--model", "digits", "--images", one,
+                                                   "--labels", "12", "--out", str(tmp_path / "r")])
+    digits_stats = os.path.join(os.path.dirname(__import__("captum_paramsal").zoo.digits.__file__),
+                                "digits_cnn_stats.safetensors")
+    assert "statistics from another model" in error_of(
+        ["explain", "--model", "resnet18", "--num-classes", "2", "--weights", str(folder / "resnet18.safetensors"),
+         "--stats", digits_stats, "--data", images, "--image-size", "32", "--out", str(tmp_path / "r")])
+    assert "statistics file not found" in error_of(["explain", "--model", "digits", "--stats",
+                                                    str(tmp_path / "none.safetensors"), "--images", one,
+                                                    "--labels", "1"])
 
 
 def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
@@ -131,7 +197,7 @@ def test_stats_errors(folder, tmp_path, capsys, monkeypatch):
 
 
 def test_help_of_each_subcommand(capsys):
-    for command in ("demo", "stats"):
+    for command in ("demo", "stats", "explain"):
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -1,0 +1,1 @@
+"""One-command experiments that write the project's measured results into docs/RESULTS.md."""

@@ -1,0 +1,200 @@
+"""An HTML report of why a model gets samples wrong: one folder, ``report.html`` and its PNGs.
+
+For each explained sample: the image with its true and predicted class, its standardized
+parameter-saliency profile (the paper's figure), its top salient units, and input saliency
+maps side by side: this library's parameter-guided input saliency, Captum's ``Saliency`` and
+``IntegratedGradients``, all rendered the paper's way (:func:`~.visualization.paper_heatmap`).
+For the set: the turn-off test (pruning curves) when there are misclassified samples.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._utils import evaluation_mode
+
+
+@dataclass
+class ExplainedSample:
+    index: int
+    true: int
+    predicted: int
+    top_units: List[tuple]
+    figure: str
+    profile_figure: str
+
+
+def _name(classes: Optional[Sequence[str]], c: int) -> str:
+    return str(classes[c]) if classes is not None and 0 <= c < len(classes) else str(c)
+
+
+def _maps_figure(path: str, image: Tensor, maps: dict, title: str, low_percentile: float) -> None:
+    import matplotlib.pyplot as plt
+
+    from .visualization import paper_heatmap
+
+    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.8 * (1 + len(maps)), 3.2))
+    shown = image.detach().cpu()
+    shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
+    axes[0].imshow(shown.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if shown.shape[0] == 1 else None,
+                   interpolation="nearest")
+    axes[0].set_title("input", fontsize=9)
+    for axis, (name, attr) in zip(axes[1:], maps.items()):
+        axis.imshow(paper_heatmap(attr, image, low_percentile=low_percentile), interpolation="nearest")
+        axis.set_title(name, fontsize=9)
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(
+    model: torch.nn.Module,
+    ps,
+    inputs: Tensor,
+    labels: Tensor,
+    out_dir: str,
+    classes: Optional[Sequence[str]] = None,
+    title: str = "Parameter-space saliency report",
+    max_samples: int = 8,
+    k: int = 10,
+    only_misclassified: bool = True,
+    low_percentile: float = 90.0,
+    pruning_ks: Sequence[int] = (1, 5, 10, 25, 50),
+    notes: Sequence[str] = (),
+    pruning=None,
+) -> str:
+    """Write ``out_dir/report.html`` (and its figures) for ``inputs``; return its path.
+
+    Args:
+        model, ps: the model and a :class:`~captum_paramsal.ParameterSaliency` of it (with
+            statistics, for z-scores).
+        inputs, labels: images ``(B, C, H, W)`` and their true labels.
+        classes: class names, indexed by label.
+        max_samples: how many samples get their own section (misclassified first).
+        only_misclassified: explain only misclassified samples when there are any.
+        low_percentile: the heat maps' lower clip (the paper: 90; lower for tiny images).
+        pruning_ks: the turn-off test's k values (those above the number of units are dropped).
+        pruning: a :class:`~captum_paramsal.analysis.PruningResult` of these inputs already
+            computed (else it is computed here).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from captum.attr import IntegratedGradients, Saliency
+
+    from ._core.parameter_guided_input_saliency import ParameterGuidedInputSaliency
+    from .analysis import pruning_curves
+
+    os.makedirs(out_dir, exist_ok=True)
+    figures = os.path.join(out_dir, "figures")
+    os.makedirs(figures, exist_ok=True)
+    device = next(model.parameters()).device
+    inputs, labels = inputs.to(device), labels.to(device)
+    with evaluation_mode(model), torch.no_grad():
+        predicted = model(inputs).argmax(1)
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    chosen = wrong if (wrong and only_misclassified) else list(range(len(labels)))
+    chosen = chosen[:max_samples]
+
+    x, y, p = inputs[chosen], labels[chosen], predicted[chosen]
+    prof = ps.profile(x, target=y)  # loss at the true label: what would fix the mistake
+    pgis = ParameterGuidedInputSaliency.from_parameter_saliency(ps, k=k)
+    leaf = x.detach().clone().requires_grad_()  # Captum warns when it has to set this itself
+    maps = {
+        f"parameter-guided\n(top {k} units, true class)": pgis.attribute(x, target=y),
+        "Captum Saliency\n(predicted class)": Saliency(model).attribute(leaf, target=p, abs=False).detach(),
+        "Captum IntegratedGradients\n(predicted class)": IntegratedGradients(model).attribute(
+            leaf, target=p, n_steps=32, internal_batch_size=64
+        ).detach(),
+    }
+    samples: List[ExplainedSample] = []
+    tops = prof.top_k(k)
+    for row, index in enumerate(chosen):
+        verdict = "misclassified" if index in wrong else "correct"
+        caption = (f"sample {index}: true {_name(classes, int(y[row]))}, predicted {_name(classes, int(p[row]))} "
+                   f"({verdict})")
+        figure = f"figures/sample{index}_maps.png"
+        _maps_figure(os.path.join(out_dir, figure), x[row], {n: m[row] for n, m in maps.items()}, caption,
+                     low_percentile)
+        profile_figure = f"figures/sample{index}_profile.png"
+        fig = prof.plot(row, k=k)
+        fig.savefig(os.path.join(out_dir, profile_figure), dpi=100)
+        plt.close(fig)
+        samples.append(ExplainedSample(index, int(y[row]), int(p[row]),
+                                       [(u.param, u.unit, u.value) for u in tops[row]], figure, profile_figure))
+
+    pruning_html = "<p>No misclassified samples among these inputs: no turn-off test.</p>"
+    if wrong:
+        if pruning is None:
+            ks = [kk for kk in pruning_ks if kk <= ps.layout.num_columns] or [1]
+            pruning = pruning_curves(model, ps, inputs, labels, ks=ks)
+        fig = pruning.plot()
+        fig.savefig(os.path.join(figures, "pruning_curves.png"), dpi=100)
+        plt.close(fig)
+        pruning_html = (
+            f"<p>{pruning.num_misclassified} of {pruning.num_samples} samples are misclassified. For each, the k "
+            "most salient units (by z), k random units and the k least salient units are turned off in turn; "
+            "the table gives the share of them the model then classifies correctly.</p>"
+            + _markdown_table_to_html(pruning.to_markdown())
+            + '<img src="figures/pruning_curves.png" alt="pruning curves">'
+        )
+    path = os.path.join(out_dir, "report.html")
+    with open(path, "w") as f:
+        f.write(_html(title, samples, classes, pruning_html, notes, prof.standardized))
+    return path
+
+
+def _markdown_table_to_html(markdown: str) -> str:
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if not line.startswith("|--")]
+    rows = [r for r in rows if not set("".join(r)) <= set("-: ")]
+    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(title, samples, classes, pruning_html, notes, standardized) -> str:
+    value = "z (standardized)" if standardized else "raw saliency"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+        "text-align:right}img{max-width:100%}section{border-top:1px solid #ddd;margin-top:1.5em}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<p>Parameter-space saliency (Levin et al., NeurIPS 2022): for each sample, the gradient of its "
+        "loss at the true label over the network's parameters, averaged per conv filter / neuron and "
+        "standardized against reference statistics. Units that stand out are the ones that malfunction "
+        "on the sample. Input maps: parameter-guided input saliency asks which pixels drive those units; "
+        "Captum's Saliency and IntegratedGradients show what drives the predicted class.</p>",
+    ]
+    parts += [f"<p>{html.escape(n)}</p>" for n in notes]
+    parts.append("<h2>Turning off salient units</h2>" + pruning_html)
+    parts.append("<h2>Samples</h2>")
+    for s in samples:
+        rows = "".join(
+            f"<tr><td>{i + 1}</td><td style='text-align:left'>{html.escape(param)}</td><td>{unit}</td>"
+            f"<td>{val:.3g}</td></tr>"
+            for i, (param, unit, val) in enumerate(s.top_units)
+        )
+        parts.append(
+            f"<section><h3>Sample {s.index}: true {html.escape(_name(classes, s.true))}, predicted "
+            f"{html.escape(_name(classes, s.predicted))}</h3>"
+            f"<img src='{s.figure}' alt='input saliency maps of sample {s.index}'>"
+            f"<img src='{s.profile_figure}' alt='saliency profile of sample {s.index}'>"
+            f"<table><thead><tr><th>#</th><th>parameter</th><th>unit</th><th>{value}</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></section>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)
