@@ -22,3 +22,21 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
         exec(compile(block, f"README.md python block {index}", "exec"), namespace)
     plt.close("all")
     assert (tmp_path / "resnet18-stats.safetensors").exists() and (tmp_path / "heatmap.png").exists()
+
+
+def test_readme_claims_about_the_demo_model():
+    """The README's example digit is corrected by turning off its most salient unit."""
+    import torch
+
+    from captum_paramsal import ParameterSaliency
+    from captum_paramsal.interventions import turn_off
+    from captum_paramsal.zoo import load_digits_model
+
+    model, stats, data = load_digits_model()
+    x, y = data.test_set()
+    ps = ParameterSaliency(model, stats=stats)
+    with torch.no_grad():
+        assert int(y[172]) == 1 and int(model(x[172:173]).argmax(1)) == 8
+        top = [(u.param, u.unit) for u in ps.profile(x[172:173], target=y[172:173]).top_k(1)[0]]
+        with turn_off(model, top):
+            assert int(model(x[172:173]).argmax(1)) == 1
