@@ -132,3 +132,9 @@ def test_neighbour_correction_matches_a_plain_recount():
     assert "neighbours corrected" in result.to_markdown()
     with pytest.raises(ValueError, match="m must be a positive int"):
         neighbour_correction(model, ps, x, y, m=0)
+    with pytest.raises(ValueError, match="one label per input"):
+        neighbour_correction(model, ps, x, y[:3])
+    with pytest.raises(ValueError, match=r"need at least m \+ 1"):
+        neighbour_correction(model, ps, x, y, m=len(wrong))
+    with pytest.raises(ValueError, match="ParameterSaliency of this model"):
+        neighbour_correction(culprit_model(), ps, x, y)

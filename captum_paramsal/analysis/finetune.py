@@ -186,6 +186,10 @@ def neighbour_correction(
     """
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
+        raise ValueError(f"labels must be a 1-d tensor with one label per input ({inputs.shape[0]})")
+    if ps.model is not model:
+        raise ValueError("ps must be a ParameterSaliency of this model")
     with evaluation_mode(model):
         with torch.no_grad():
             predicted = model(inputs).argmax(-1)

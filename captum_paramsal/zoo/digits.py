@@ -98,4 +98,9 @@ def load_digits_model(path: Optional[str] = None, with_stats: bool = True):
         stats_path = os.path.join(os.path.dirname(path), os.path.basename(STATS_FILE))
         stats = SaliencyStats.load(stats_path)
     data = digits_data(split.get("seed", 0), split.get("test_fraction", 0.5))
+    if "test_indices" in split:  # the shipped split wins over re-drawing it from the seed
+        test = torch.tensor(split["test_indices"], dtype=torch.long)
+        keep = torch.ones(len(data.labels), dtype=torch.bool)
+        keep[test] = False
+        data = DigitsData(data.images, data.labels, train=keep.nonzero().flatten(), test=test)
     return model, stats, data

@@ -72,7 +72,11 @@ def build(
     metadata = {
         "format": "captum-paramsal digits model 1",
         "recipe": json.dumps(recipe),
-        "split": json.dumps({"seed": 0, "test_fraction": 0.5, "dataset": "sklearn.datasets.load_digits"}),
+        # the split itself, not only its seed: a later torch may permute differently
+        "split": json.dumps({
+            "seed": 0, "test_fraction": 0.5, "dataset": "sklearn.datasets.load_digits",
+            "test_indices": data.test.tolist(),
+        }),
         "train_accuracy": f"{scores['train_accuracy']:.6f}",
         "test_accuracy": f"{scores['test_accuracy']:.6f}",
     }
