@@ -170,3 +170,15 @@ def atomic_write(path, payload: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def split_labelled_batch(batch: Any, index: int) -> Tuple[Any, Any]:
+    """``(inputs, labels)`` of one batch of a data set: a pair, or a dict with those keys."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict) and {"inputs", "labels"} <= set(batch):
+        return batch["inputs"], batch["labels"]
+    raise ValueError(
+        f"batch {index} of data is a {type(batch).__name__}; each batch must be an (inputs, labels) pair "
+        "(inputs a tensor or a tuple of tensors, labels one class per sample)"
+    )

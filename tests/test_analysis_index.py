@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from captum_paramsal import ParameterSaliency, SaliencyLayout
 from captum_paramsal.analysis import (
@@ -19,6 +18,8 @@ from captum_paramsal.analysis import (
     dataset_profiles,
     semantic_agreement,
 )
+
+from naive import loader, small_cnn, small_data
 
 # -- plain references ---------------------------------------------------------------------------
 
@@ -61,21 +62,10 @@ def random_profiles(n, f, seed, dtype=torch.float64):
     return torch.randn(n, f, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
-    ).double()
 
 
-def small_data(n: int = 30, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
 
 
-def loader(x, y, batch_size=7):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
 def rel(a, b) -> float:
@@ -86,9 +76,9 @@ def rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def fitted():
     """A small float64 CNN, its data, and a ParameterSaliency with statistics over that data."""
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(30)
     ps = ParameterSaliency(model)
-    ps.stats = ps.fit_stats(loader(x, y), progress=False)
+    ps.stats = ps.fit_stats(loader(x, y, 7), progress=False)
     return model, ps, x, y
 
 
@@ -288,7 +278,7 @@ def test_semantic_agreement_random_against_loops():
 
 def test_from_saliency_stacks_standardized_profiles(fitted):
     model, ps, x, y = fitted
-    index = SaliencyIndex.from_saliency(ps, loader(x, y), progress=False)
+    index = SaliencyIndex.from_saliency(ps, loader(x, y, 7), progress=False)
     assert index.layout == ps.layout and len(index) == len(x)
     reference = ps.attribute(x, target=y)  # one batch: the index must not depend on the batching
     assert rel(index.profiles, reference) < 1e-10
@@ -296,18 +286,18 @@ def test_from_saliency_stacks_standardized_profiles(fitted):
     with torch.no_grad():
         assert torch.equal(index.predictions, model(x).argmax(1))
     # 13 cuts the second batch of 7 one sample short
-    raw = SaliencyIndex.from_saliency(ps, loader(x, y), progress=False, standardize=False, max_samples=13)
+    raw = SaliencyIndex.from_saliency(ps, loader(x, y, 7), progress=False, standardize=False, max_samples=13)
     assert len(raw) == 13 and torch.equal(raw.labels, y[:13])
     assert rel(raw.profiles, ps.attribute(x[:13], target=y[:13], standardize=False)) < 1e-10
     assert ParameterSaliency(model).stats is None
     with pytest.raises(ValueError, match="ps.stats is None"):
-        SaliencyIndex.from_saliency(ParameterSaliency(model), loader(x, y), progress=False)
+        SaliencyIndex.from_saliency(ParameterSaliency(model), loader(x, y, 7), progress=False)
 
 
 def test_dataset_profiles_against_a_per_sample_loop(fitted):
     model, ps, x, y = fitted
     model.train()  # dataset_profiles evaluates in eval mode and must restore the flag
-    result = dataset_profiles(ps, loader(x, y), progress=False)
+    result = dataset_profiles(ps, loader(x, y, 7), progress=False)
     assert model.training
     raw_rows, z_rows, correct = [], [], []
     for i in range(len(x)):
@@ -332,7 +322,7 @@ def test_dataset_profiles_against_a_per_sample_loop(fitted):
         value = float(z[~correct].mean(0)[entry.slice].mean())
         assert f"| {entry.name} | {entry.num_units} |" in table and f"{value:+.3f}" in table
     # max_samples stops early; standardize=False needs no statistics
-    part = dataset_profiles(ParameterSaliency(model), loader(x, y), progress=False, max_samples=17,
+    part = dataset_profiles(ParameterSaliency(model), loader(x, y, 7), progress=False, max_samples=17,
                             standardize=False)
     assert part.num_samples == 17 and part.mean_z_correct is None and not part.standardized
     assert rel(part.mean_raw_correct, raw[:17][correct[:17]].mean(0)) < 1e-10
@@ -352,7 +342,7 @@ def test_dataset_profiles_with_an_empty_group(fitted):
 
 def test_plot_is_a_labelled_png(fitted, tmp_path):
     _, ps, x, y = fitted
-    result = dataset_profiles(ps, loader(x, y), progress=False)
+    result = dataset_profiles(ps, loader(x, y, 7), progress=False)
     figure = result.plot()
     path = tmp_path / "profiles.png"
     figure.savefig(path)
@@ -371,7 +361,7 @@ def test_plot_is_a_labelled_png(fitted, tmp_path):
     vertical = [line for line in z_ax.get_lines() if len(set(line.get_xdata())) == 1]
     assert sorted(float(line.get_xdata()[0]) for line in vertical) == [e.slice.start - 0.5 for e in ps.layout][1:]
     # raw only: one panel
-    raw_only = dataset_profiles(ps, loader(x, y), progress=False, standardize=False).plot()
+    raw_only = dataset_profiles(ps, loader(x, y, 7), progress=False, standardize=False).plot()
     assert len(raw_only.axes) == 1 and raw_only.axes[0].get_xlabel()
 
 
@@ -447,7 +437,7 @@ def test_bad_agreement_arguments():
 def test_bad_data(fitted):
     model, ps, x, y = fitted
     with pytest.raises(ValueError, match="ps.stats is None"):
-        dataset_profiles(ParameterSaliency(model), loader(x, y), progress=False)
+        dataset_profiles(ParameterSaliency(model), loader(x, y, 7), progress=False)
     with pytest.raises(ValueError, match=r"batch 0 of data is a Tensor"):
         dataset_profiles(ps, [x], progress=False)
     with pytest.raises(ValueError, match=r"labels of batch 1 must be one class per sample"):
@@ -455,13 +445,13 @@ def test_bad_data(fitted):
     with pytest.raises(ValueError, match="integer class indices"):
         dataset_profiles(ps, [(x[:3], y[:3].double())], progress=False)
     with pytest.raises(ValueError, match="max_samples"):
-        dataset_profiles(ps, loader(x, y), progress=False, max_samples=0)
+        dataset_profiles(ps, loader(x, y, 7), progress=False, max_samples=0)
     with pytest.raises(ValueError, match="data is empty"):
         dataset_profiles(ps, [], progress=False)
     with pytest.raises(ValueError, match="data is empty"):
         SaliencyIndex.from_saliency(ps, [], progress=False)
     with pytest.raises(ValueError, match="unknown backend"):
-        SaliencyIndex.from_saliency(ps, loader(x, y), progress=False, backend="hnsw")
+        SaliencyIndex.from_saliency(ps, loader(x, y, 7), progress=False, backend="hnsw")
     with pytest.raises(ValueError, match=r"\(batch, classes\)"):
         flat = ParameterSaliency(nn.Sequential(nn.Flatten(), nn.Linear(64, 1), nn.Flatten(0)).double(),
                                  loss_fn=lambda out, target: (out - target) ** 2)

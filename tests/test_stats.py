@@ -10,29 +10,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, TensorDataset
 
 from captum_paramsal import ParameterSaliency, SaliencyProfile, SaliencyStats
 from captum_paramsal.stats import STD_FLOOR
 
-from naive import naive_unit_saliency
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
-    ).double()
-
-
-def small_data(n: int = 37, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
-
-
-def loader(x, y, batch_size=6):
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+from naive import loader, naive_unit_saliency, small_cnn, small_data
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,9 +23,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_stats_match_numpy_of_naive_saliency():
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     ps = ParameterSaliency(model)
-    stats = ps.fit_stats(loader(x, y), progress=False)
+    stats = ps.fit_stats(loader(x, y, 6), progress=False)
     naive = naive_unit_saliency(model, (x,), y, list(ps.layout.names)).numpy()
     assert stats.count == len(x)
     assert rel(stats.mean, torch.from_numpy(naive.mean(0))) < 1e-10
@@ -52,7 +34,7 @@ def test_stats_match_numpy_of_naive_saliency():
 
 
 def test_partial_fit_and_merge_equal_one_pass():
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     ps = ParameterSaliency(model)
     one = ps.fit_stats(loader(x, y, batch_size=len(x)), progress=False)
     first = ps.fit_stats(loader(x[:11], y[:11], 4), progress=False)
@@ -68,21 +50,21 @@ def test_partial_fit_and_merge_equal_one_pass():
 
 
 def test_max_samples_and_bad_data():
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     ps = ParameterSaliency(model)
-    assert ps.fit_stats(loader(x, y), progress=False, max_samples=10).count == 10
+    assert ps.fit_stats(loader(x, y, 6), progress=False, max_samples=10).count == 10
     with pytest.raises(ValueError, match="no samples"):
         ps.fit_stats([], progress=False)
     with pytest.raises(ValueError, match=r"\(inputs, labels\) pair"):
         ps.fit_stats([x], progress=False)
     with pytest.raises(ValueError, match="max_samples"):
-        ps.fit_stats(loader(x, y), progress=False, max_samples=0)
+        ps.fit_stats(loader(x, y, 6), progress=False, max_samples=0)
 
 
 def test_standardized_attribute_and_dead_units():
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     ps = ParameterSaliency(model)
-    stats = ps.fit_stats(loader(x, y), progress=False)
+    stats = ps.fit_stats(loader(x, y, 6), progress=False)
     raw = ps.attribute(x[:4], target=y[:4])
     ps.stats = stats
     z = ps.attribute(x[:4], target=y[:4])
@@ -102,8 +84,8 @@ def test_standardized_attribute_and_dead_units():
 
 
 def test_statistics_of_another_model_or_setting_are_refused():
-    model, (x, y) = small_cnn(), small_data()
-    stats = ParameterSaliency(model).fit_stats(loader(x, y), progress=False)
+    model, (x, y) = small_cnn(), small_data(37)
+    stats = ParameterSaliency(model).fit_stats(loader(x, y, 6), progress=False)
     other = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 5)).double()
     with pytest.raises(ValueError, match="another model"):
         ParameterSaliency(other, stats=stats)
@@ -114,8 +96,8 @@ def test_statistics_of_another_model_or_setting_are_refused():
 
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
-    model, (x, y) = small_cnn(), small_data()
-    stats = ParameterSaliency(model).fit_stats(loader(x, y), progress=False)
+    model, (x, y) = small_cnn(), small_data(37)
+    stats = ParameterSaliency(model).fit_stats(loader(x, y, 6), progress=False)
     path = tmp_path / "stats.safetensors"
     stats.save(path)
     back = SaliencyStats.load(path)
@@ -127,8 +109,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
 
 
 def test_bad_files_give_clear_errors(tmp_path):
-    model, (x, y) = small_cnn(), small_data()
-    stats = ParameterSaliency(model).fit_stats(loader(x, y), progress=False)
+    model, (x, y) = small_cnn(), small_data(37)
+    stats = ParameterSaliency(model).fit_stats(loader(x, y, 6), progress=False)
     good = tmp_path / "good.safetensors"
     stats.save(good)
     payload = good.read_bytes()
@@ -172,7 +154,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model, (x, y) = small_cnn(), small_data()
+        model, (x, y) = small_cnn(), small_data(37)
         stats = ParameterSaliency(model).fit_stats(loader(x, y, 5), progress=False)
         stats.save(os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
@@ -181,7 +163,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     one = ParameterSaliency(model).fit_stats(loader(x, y, 5), progress=False)
     ranks = [SaliencyStats.load(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     assert torch.equal(ranks[0].mean, ranks[1].mean) and torch.equal(ranks[0].std, ranks[1].std)
@@ -197,9 +179,9 @@ def _png_axes_labels(figure):
 
 
 def test_profile_views_and_plots(tmp_path):
-    model, (x, y) = small_cnn(), small_data()
+    model, (x, y) = small_cnn(), small_data(37)
     ps = ParameterSaliency(model)
-    ps.stats = ps.fit_stats(loader(x, y), progress=False)
+    ps.stats = ps.fit_stats(loader(x, y, 6), progress=False)
     prof = ps.profile(x[:3], target=y[:3])
     assert isinstance(prof, SaliencyProfile) and prof.standardized
     assert torch.equal(prof.values, ps.attribute(x[:3], target=y[:3]))

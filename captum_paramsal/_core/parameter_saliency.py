@@ -21,6 +21,7 @@ from .._utils import (
     label_resolver,
     model_device,
     normalize_target,
+    split_labelled_batch,
 )
 from ..layout import SaliencyLayout
 from ..per_sample import per_sample_unit_saliency, route, select_parameters
@@ -270,7 +271,7 @@ class ParameterSaliency(GradientAttribution):
             for index, batch in enumerate(data):
                 if shard and index % world != rank:
                     continue
-                inputs, labels = _split_batch(batch, index)
+                inputs, labels = split_labelled_batch(batch, index)
                 inputs_tuple, _ = format_inputs(inputs)
                 inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
                 labels = labels.to(device) if isinstance(labels, Tensor) else labels
@@ -299,17 +300,6 @@ def _callable_name(fn: Callable) -> str:
     module = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}" if module else name
-
-
-def _split_batch(batch: Any, index: int):
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict) and {"inputs", "labels"} <= set(batch):
-        return batch["inputs"], batch["labels"]
-    raise ValueError(
-        f"batch {index} of fit_stats data is a {type(batch).__name__}; each batch must be an "
-        "(inputs, labels) pair (inputs a tensor or a tuple of tensors)"
-    )
 
 
 def _has_distributed_sampler(data: Any) -> bool:

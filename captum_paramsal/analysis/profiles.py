@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._utils import evaluation_mode, format_inputs
+from .._utils import evaluation_mode, format_inputs, split_labelled_batch
 from ..layout import SaliencyLayout
 
 
@@ -258,7 +258,7 @@ def labelled_batches(
     seen = 0
     try:
         for index, batch in enumerate(data):
-            inputs, labels = _split_batch(batch, index)
+            inputs, labels = split_labelled_batch(batch, index)
             inputs_tuple, _ = format_inputs(inputs)
             inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
             labels = _check_labels(labels, inputs_tuple[0].shape[0], index).to(device)
@@ -294,17 +294,6 @@ def _device_of(ps) -> torch.device:
     # the saliency's own device check compares inputs with the selected parameters' device
     params = dict(ps.model.named_parameters(remove_duplicate=False))
     return params[ps.layout[0].name].device
-
-
-def _split_batch(batch: Any, index: int) -> Tuple[Any, Any]:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, dict) and {"inputs", "labels"} <= set(batch):
-        return batch["inputs"], batch["labels"]
-    raise ValueError(
-        f"batch {index} of data is a {type(batch).__name__}; each batch must be an (inputs, labels) pair "
-        "(inputs a tensor or a tuple of tensors, labels one class per sample)"
-    )
 
 
 def _check_labels(labels: Any, batch: int, index: int) -> Tensor:
