@@ -247,3 +247,22 @@ def test_model_left_as_found():
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
     assert model[2].weight.grad is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_all_zero_profile_gives_zero_not_nan():
+    """Every ReLU dead: no selected weight has a gradient, the cosine is undefined; the
+    attribution is zero (float32, where a naive |z|^2 would underflow to 0/0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    x = torch.randn(3, 4)
+    attr = ParameterGuidedInputSaliency(model, k=2).attribute(x, target=torch.tensor([0, 1, 0]))
+    assert torch.equal(attr, torch.zeros_like(x))
+    from captum_paramsal._core.parameter_guided_input_saliency import boosting_weights
+
+    tiny = torch.full((2, 5), 1e-24)  # |z|^2 = 5e-48: below float32's range
+    tiny[1] = 0
+    weights = boosting_weights(tiny, torch.tensor([[True, False, False, False, False]] * 2), 100.0)
+    assert torch.isfinite(weights).all() and torch.equal(weights[1], torch.zeros(5))
+    assert weights[0].abs().max() > 0

@@ -33,14 +33,23 @@ UnitsType = Union[None, Sequence[int], Sequence[Tuple[str, int]], Sequence[Seque
 
 def boosting_weights(profile: Tensor, chosen: Tensor, boost_factor: float) -> Tensor:
     """``dO/dprofile`` for ``O_i = cos(z_i, b_i)``, ``b_i`` = detached ``z_i`` with the chosen
-    units multiplied by ``boost_factor``: ``b/(|z||b|) - O z/|z|^2``."""
-    z = profile
+    units multiplied by ``boost_factor``: ``b/(|z||b|) - O z/|z|^2``.
+
+    The cosine of an all-zero profile (a sample on which no selected parameter has any
+    gradient, e.g. a saturated softmax) is undefined; its weights, and so its attribution,
+    are zero. In float64: in float32 ``|z|^2`` of a small profile underflows to 0.
+    """
+    z = profile.double()
     b = z.clone()
     b[chosen] = b[chosen] * boost_factor
-    z_norm = z.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    b_norm = b.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    z_norm = z.norm(dim=1, keepdim=True)
+    b_norm = b.norm(dim=1, keepdim=True)
+    defined = (z_norm > 0) & (b_norm > 0)
+    z_norm = torch.where(defined, z_norm, torch.ones_like(z_norm))
+    b_norm = torch.where(defined, b_norm, torch.ones_like(b_norm))
     cosine = (z * b).sum(1, keepdim=True) / (z_norm * b_norm)
-    return b / (z_norm * b_norm) - cosine * z / z_norm**2
+    weights = b / (z_norm * b_norm) - cosine * (z / z_norm) / z_norm
+    return torch.where(defined, weights, torch.zeros_like(weights)).to(profile.dtype)
 
 
 class ParameterGuidedInputSaliency(GradientAttribution):
