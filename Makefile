@@ -24,7 +24,8 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_saliency.py && $(PY) benchmarks/bench_stats.py && $(PY) benchmarks/bench_input_saliency.py
+	$(PY) benchmarks/bench_saliency.py && $(PY) benchmarks/bench_stats.py && $(PY) benchmarks/bench_input_saliency.py \
+	  && $(PY) benchmarks/bench_spade.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -53,3 +53,15 @@ def test_reproduce_quick(tmp_path):
     for claim in ("pruning test", "neighbours are corrected", "semantically alike", "Mean profiles"):
         assert claim in text
     assert text.count("Holds here") + text.count("Does not hold here") == 3
+
+
+def test_trojan_quick_writes_its_section(tmp_path, capsys):
+    from captum_paramsal.cli.main import main
+
+    results = tmp_path / "RESULTS.md"
+    assert main(["trojan", "--quick", "--sparsity", "0.5", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| **average** |" in out and "SPADE 0.5" in out
+    text = results.read_text()
+    assert "<!-- begin: trojan --quick --sparsity 0.5 -->" in text
+    assert "### `python -m captum_paramsal.experiments.trojan --quick --sparsity 0.5`" in text

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..experiments import trojan
 from . import demo, explain, stats
 
 
@@ -18,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_parser(commands)
     stats.add_parser(commands)
     explain.add_parser(commands)
+    trojan.add_parser(commands)
     return parser
 
 
