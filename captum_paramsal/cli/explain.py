@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ._common import add_model_arguments
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -16,11 +18,7 @@ def add_parser(commands) -> None:
         "model by name (weights from a local file or a cached weights enum, statistics from 'captum-paramsal "
         "stats'), or 'digits', the embedded digits CNN with its own statistics.",
     )
-    parser.add_argument("--model", required=True, help="torchvision model name, or 'digits' for the embedded CNN")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--weights", help="local weights file (.safetensors, or a torch.save state dict)")
-    weights.add_argument("--weights-name", help="torchvision weights enum, e.g. IMAGENET1K_V2 (must be cached)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    add_model_arguments(parser, "torchvision model name, or 'digits' for the embedded CNN")
     parser.add_argument("--stats", help="statistics file from 'captum-paramsal stats' (default for 'digits': its own)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="image folder root/<class>/<image>: labels from the class folders")

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ._common import add_model_arguments
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
@@ -22,11 +24,7 @@ def add_parser(commands) -> None:
         "class folders, in sorted order as torchvision's ImageFolder gives them) and write them as "
         "safetensors. Under torchrun, every process takes its own share of the images.",
     )
-    parser.add_argument("--model", required=True, help="torchvision model name, e.g. resnet50")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--weights", help="local weights file (.safetensors, or a torch.save state dict)")
-    weights.add_argument("--weights-name", help="torchvision weights enum, e.g. IMAGENET1K_V2 (must be cached)")
-    parser.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the model's)")
+    add_model_arguments(parser, "torchvision model name, e.g. resnet50")
     parser.add_argument("--data", required=True, help="image folder: root/<class>/<image>")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
