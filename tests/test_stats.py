@@ -213,3 +213,25 @@ def test_profile_views_and_plots(tmp_path):
         prof.top_k(0)
     with pytest.raises(ValueError, match="reduce"):
         prof.by_layer("median")
+
+
+def test_fit_stats_probes_once_per_input_shape(monkeypatch):
+    import captum_paramsal._core.parameter_saliency as core
+
+    calls = []
+    real_route = core.route
+
+    def counting_route(*args, **kwargs):
+        calls.append(args[2][0].shape)
+        return real_route(*args, **kwargs)
+
+    monkeypatch.setattr(core, "route", counting_route)
+    model, (x, y) = small_cnn(), small_data(20)
+    ps = ParameterSaliency(model)
+    stats = ps.fit_stats(loader(x, y, 6), progress=False)  # batches of 6, 6, 6, 2
+    assert len(calls) == 1 and stats.count == 20
+    expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
+    assert torch.allclose(stats.mean, expected.mean(0), rtol=1e-10, atol=0)
+    ps.attribute(x[:3], target=y[:3])
+    ps.attribute(x[:3], target=y[:3])
+    assert len(calls) == 3  # attribute calls probe every time: the model may change between them

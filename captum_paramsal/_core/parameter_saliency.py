@@ -173,7 +173,10 @@ class ParameterSaliency(GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
+        routings: Optional[dict] = None,
     ) -> Tensor:
+        """``(B, F)`` raw saliency. ``routings``: a cache of probe results by input signature
+        that one pass over a data set shares (the model cannot change within it)."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "ParameterSaliency needs autograd, which torch.inference_mode() disables; "
@@ -188,7 +191,12 @@ class ParameterSaliency(GradientAttribution):
         step = internal_batch_size or batch
         rows = []
         with evaluation_mode(self.model):
-            routing = route(self.model, self._selection, inputs_tuple, extra)
+            key = tuple((tuple(x.shape[1:]), x.dtype) for x in inputs_tuple) if not extra else None
+            routing = routings.get(key) if routings is not None and key is not None else None
+            if routing is None:
+                routing = route(self.model, self._selection, inputs_tuple, extra)
+                if routings is not None and key is not None:
+                    routings[key] = routing
             for start in range(0, batch, step):
                 stop = min(start + step, batch)
                 rows.append(
@@ -267,6 +275,7 @@ class ParameterSaliency(GradientAttribution):
             total = len(data.dataset)
         bar = tqdm(total=total, disable=not progress or rank != 0, unit="sample", desc="saliency statistics")
         seen = 0
+        routings: dict = {}  # the one-sample probe once per input shape, not once per batch
         try:
             for index, batch in enumerate(data):
                 if shard and index % world != rank:
@@ -279,7 +288,7 @@ class ParameterSaliency(GradientAttribution):
                     keep = max_samples - seen
                     inputs_tuple = tuple(x[:keep] for x in inputs_tuple)
                     labels = labels[:keep]
-                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
+                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size, routings))
                 seen += inputs_tuple[0].shape[0]
                 bar.update(inputs_tuple[0].shape[0])
                 if max_samples is not None and seen >= max_samples:
