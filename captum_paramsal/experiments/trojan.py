@@ -136,23 +136,11 @@ def make_data(setup: TrojanSetup):
 
 
 def train(train_set: Tuple[Tensor, Tensor], setup: TrojanSetup) -> TrojanCNN:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions in one fixed order: the same weights on every run
-    try:
-        torch.manual_seed(setup.seed)
-        model = TrojanCNN(setup.size)
-        optimizer = torch.optim.Adam(model.parameters(), lr=setup.lr)
-        x, y = train_set
-        shuffle = torch.Generator().manual_seed(setup.seed + 1)
-        for _ in range(setup.epochs):
-            model.train()
-            for batch in torch.randperm(len(y), generator=shuffle).split(setup.batch_size):
-                optimizer.zero_grad()
-                F.cross_entropy(model(x[batch]), y[batch]).backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    from ..zoo.train_digits import train_deterministic
+
+    return train_deterministic(
+        lambda: TrojanCNN(setup.size), *train_set, setup.seed, setup.epochs, setup.batch_size, setup.lr
+    )
 
 
 def attribution_methods(model: TrojanCNN) -> Dict[str, MapFn]:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +29,24 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
         return float((model.eval()(images).argmax(1) == labels).float().mean())
 
 
-def train(data: DigitsData, seed: int, epochs: int, batch_size: int, lr: float, weight_decay: float) -> nn.Module:
+def train_deterministic(
+    make_model: Callable[[], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> nn.Module:
+    """Adam on cross-entropy, seeded initialization and shuffling, one thread (reductions in one
+    fixed order: the same weights on every run); the model comes back in eval mode."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # reductions in one fixed order
+    torch.set_num_threads(1)
     try:
         torch.manual_seed(seed)
-        model = DigitsCNN()
+        model = make_model()
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        x, y = data.train_set()
         shuffle = torch.Generator().manual_seed(seed + 1)
         for _ in range(epochs):
             model.train()
@@ -47,6 +57,11 @@ def train(data: DigitsData, seed: int, epochs: int, batch_size: int, lr: float, 
     finally:
         torch.set_num_threads(threads)
     return model.eval()
+
+
+def train(data: DigitsData, seed: int, epochs: int, batch_size: int, lr: float, weight_decay: float) -> nn.Module:
+    """The embedded digits CNN on the training half."""
+    return train_deterministic(DigitsCNN, *data.train_set(), seed, epochs, batch_size, lr, weight_decay)
 
 
 def build(
