@@ -76,9 +76,26 @@ def _unit_saliency_of_sample(
     return units
 
 
-def _chunks(batch: int, chunk_size: int):
+@contextlib.contextmanager
+def _functional_pass(model: nn.Module) -> Iterator[None]:
+    """Where torch.func runs the model: no outer autograd graph, no vmap warnings, no user hooks."""
+    with torch.no_grad(), _quiet_batching_fallbacks(), _without_backward_hooks(model):
+        yield
+
+
+def _chunks(
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    per_sample_args: Sequence[int],
+    target: Tensor,
+    chunk_size: int,
+) -> Iterator[Tuple[Tuple[Tensor, ...], Tensor, Tuple[Tensor, ...], slice]]:
+    """``(inputs, target, per-sample extra arguments, sample slice)`` of each chunk of samples."""
+    batch = inputs[0].shape[0]
     for start in range(0, batch, chunk_size):
-        yield start, min(start + chunk_size, batch)
+        stop = min(start + chunk_size, batch)
+        extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
+        yield slice_batch(inputs, batch, start, stop), target[start:stop], extras, slice(start, stop)
 
 
 def fallback_unit_saliency(
@@ -96,10 +113,9 @@ def fallback_unit_saliency(
     per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
     units = vmap(_unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction))
     rows = []
-    with torch.no_grad(), _quiet_batching_fallbacks(), _without_backward_hooks(model):
-        for start, stop in _chunks(batch, chunk_size):
-            extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
-            rows.append(units(slice_batch(inputs, batch, start, stop), target[start:stop], extras))
+    with _functional_pass(model):
+        for chunk, labels, extras, _ in _chunks(inputs, additional_forward_args, per_sample_args, target, chunk_size):
+            rows.append(units(chunk, labels, extras))
     values = torch.cat(rows)
     split = torch.split(values, [p.num_units for p in params], dim=1)
     return {p.name: part for p, part in zip(params, split)}
@@ -127,9 +143,8 @@ def fallback_weighted_input_grads(
 
     input_grads = vmap(grad(weighted))
     parts = []
-    with torch.no_grad(), _quiet_batching_fallbacks(), _without_backward_hooks(model):
-        for start, stop in _chunks(batch, chunk_size):
-            extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
-            chunk = slice_batch(inputs, batch, start, stop)
-            parts.append(input_grads(tuple(x.detach() for x in chunk), target[start:stop], extras, weights[start:stop]))
+    with _functional_pass(model):
+        for chunk, labels, extras, samples in _chunks(inputs, additional_forward_args, per_sample_args, target,
+                                                       chunk_size):
+            parts.append(input_grads(tuple(x.detach() for x in chunk), labels, extras, weights[samples]))
     return tuple(torch.cat([part[i] for part in parts]) for i in range(len(inputs)))

@@ -30,11 +30,6 @@ from torch import Tensor
 _EXACT_CHUNK_BYTES = 1 << 27
 
 
-def pruning_budget(sparsity: float, numel: int) -> int:
-    """How many of ``numel`` weights a layer at ``sparsity`` loses: ``round(sparsity * numel)``."""
-    return int(round(sparsity * numel))
-
-
 def dampened_hessian(hessian: Tensor, percdamp: float) -> Tensor:
     """``H + λI`` with ``λ = percdamp * mean(diag H)`` per group; dead inputs made harmless.
 
