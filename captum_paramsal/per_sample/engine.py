@@ -168,12 +168,12 @@ def _rule_pass(
     loss_fn: LossFn,
     reduction: str,
     keep_calls: bool = False,
-) -> Tuple[Dict[str, Any], List[SelectedParameter], Tensor, Tensor]:
+) -> Tuple[Dict[str, Any], List[SelectedParameter], Tensor]:
     """One tapped forward and backward over the rule-routed ``params``.
 
     Returns ``{name: (B, units)}`` (or, with ``keep_calls``, ``{name: [LayerCall]}`` whose
     tensors stay differentiable with respect to the inputs, for a second derivative), the
-    params the rules could not take after all, the output and the target.
+    params the rules could not take after all, and the target.
     """
     batch = inputs[0].shape[0]
     accumulators = {p.name: _Accumulator(p) for p in params}
@@ -251,7 +251,41 @@ def _rule_pass(
             results[acc.param.name] = acc.raw
         elif acc.param.name not in results:
             finish(acc)  # some calls' outputs never reached the loss: their gradient is zero
-    return results, unusable, output.detach(), target
+    return results, unusable, target
+
+
+def rules_first(
+    model: nn.Module,
+    selection: Selection,
+    routing: Routing,
+    inputs: Tuple[Tensor, ...],
+    additional_forward_args: Tuple[Any, ...],
+    resolve_target: TargetResolver,
+    loss_fn: LossFn,
+    reduction: str,
+    keep_calls: bool = False,
+) -> Tuple[Dict[str, Any], List[SelectedParameter], Optional[Tensor]]:
+    """The rule pass over the parameters the routing gives the rules, then what is left.
+
+    Returns the rule pass's results (see :func:`_rule_pass`; only parameters the rules did
+    take), the parameters for the fallback in layout order (those routed there and those the
+    rules could not take after all), and the target (``None`` only when nothing is left for
+    the fallback and no rule pass ran).
+    """
+    rule_params = [p for p in selection.params if p.name in routing.rule_names]
+    results: Dict[str, Any] = {}
+    unusable: List[SelectedParameter] = []
+    target: Optional[Tensor] = None
+    if rule_params:
+        results, unusable, target = _rule_pass(
+            model, rule_params, routing, inputs, additional_forward_args, resolve_target, loss_fn, reduction,
+            keep_calls=keep_calls,
+        )
+    taken_back = {p.name for p in unusable}
+    fallback_params = [p for p in selection.params if p.name not in routing.rule_names or p.name in taken_back]
+    if fallback_params and target is None:
+        target = target_without_rules(model, inputs, additional_forward_args, resolve_target, loss_fn)
+    return results, fallback_params, target
 
 
 def per_sample_unit_saliency(
@@ -269,19 +303,10 @@ def per_sample_unit_saliency(
 
     The model must already be in eval mode; the caller restores its state.
     """
-    rule_params = [p for p in selection.params if p.name in routing.rule_names]
-    fallback_params = [p for p in selection.params if p.name not in routing.rule_names]
-    results: Dict[str, Tensor] = {}
-    target: Optional[Tensor] = None
-    if rule_params:
-        results, unusable, _, target = _rule_pass(
-            model, rule_params, routing, inputs, additional_forward_args,
-            resolve_target, loss_fn, reduction,
-        )
-        fallback_params += unusable
+    results, fallback_params, target = rules_first(
+        model, selection, routing, inputs, additional_forward_args, resolve_target, loss_fn, reduction,
+    )
     if fallback_params:
-        if target is None:
-            target = target_without_rules(model, inputs, additional_forward_args, resolve_target, loss_fn)
         results.update(
             fallback_unit_saliency(
                 model, fallback_params, inputs, additional_forward_args, target,

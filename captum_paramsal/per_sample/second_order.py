@@ -26,10 +26,9 @@ from .engine import (
     TargetResolver,
     _closed_form_applies,
     _reduce_calls,
-    _rule_pass,
     _Workspace,
+    rules_first,
     samples_per_chunk,
-    target_without_rules,
 )
 from .fallback import LossFn, fallback_unit_saliency, fallback_weighted_input_grads
 from .grads import PerSampleGrad
@@ -123,21 +122,12 @@ def weighted_saliency_input_grads(
     """
     batch = inputs[0].shape[0]
     leaves = tuple(x.detach().requires_grad_() for x in inputs)
-    rule_params = [p for p in selection.params if p.name in routing.rule_names]
-    fallback_params = [p for p in selection.params if p.name not in routing.rule_names]
     workspace = _Workspace()
-    raw: Dict[str, Any] = {}
-    target = None
-    if rule_params:
-        raw, unusable, _, target = _rule_pass(
-            model, rule_params, routing, leaves, additional_forward_args, resolve_target, loss_fn, reduction,
-            keep_calls=True,
-        )
-        rule_params = [p for p in rule_params if p not in unusable]
-        fallback_params += unusable
-    if target is None:
-        target = target_without_rules(model, leaves, additional_forward_args, resolve_target, loss_fn)
-    fallback_params = [p for p in selection.params if p in fallback_params]  # layout order
+    raw, fallback_params, target = rules_first(
+        model, selection, routing, leaves, additional_forward_args, resolve_target, loss_fn, reduction,
+        keep_calls=True,
+    )
+    rule_params = [p for p in selection.params if p.name in raw]
 
     # Phase A: the saliency itself, to choose the weights.
     columns: Dict[str, Tensor] = {p.name: _saliency_from_calls(p, raw[p.name], batch, reduction, workspace)
