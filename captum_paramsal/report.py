@@ -146,7 +146,7 @@ def write_report(
             f"<p>{pruning.num_misclassified} of {pruning.num_samples} samples are misclassified. For each, the k "
             "most salient units (by z), k random units and the k least salient units are turned off in turn; "
             "the table gives the share of them the model then classifies correctly.</p>"
-            + _markdown_table_to_html(pruning.to_markdown())
+            + _table_html(pruning.COLUMNS, pruning.formatted_rows())
             + '<img src="figures/pruning_curves.png" alt="pruning curves">'
         )
     path = os.path.join(out_dir, "report.html")
@@ -155,11 +155,9 @@ def write_report(
     return path
 
 
-def _markdown_table_to_html(markdown: str) -> str:
-    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if not line.startswith("|--")]
-    rows = [r for r in rows if not set("".join(r)) <= set("-: ")]
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>" for r in rows[1:])
+def _table_html(columns, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -51,16 +51,20 @@ class PruningResult:
                 return r
         raise KeyError(f"no row for k={k}, mode={mode!r}")
 
-    def to_markdown(self) -> str:
-        lines = [
-            "| k | units turned off | corrected | mean Δ p(true class) | mean Δ p(predicted wrong class) |",
-            "|---:|---|---:|---:|---:|",
+    #: column titles of :meth:`formatted_rows`
+    COLUMNS = ("k", "units turned off", "corrected", "mean Δ p(true class)", "mean Δ p(predicted wrong class)")
+
+    def formatted_rows(self) -> List[tuple]:
+        """:attr:`table` as display strings, one tuple per row, in :attr:`COLUMNS` order."""
+        return [
+            (str(r["k"]), r["mode"], f"{r['fraction_corrected']:.1%}",
+             f"{r['mean_delta_true_prob']:+.3f}", f"{r['mean_delta_wrong_prob']:+.3f}")
+            for r in self.table
         ]
-        for r in self.table:
-            lines.append(
-                f"| {r['k']} | {r['mode']} | {r['fraction_corrected']:.1%} | "
-                f"{r['mean_delta_true_prob']:+.3f} | {r['mean_delta_wrong_prob']:+.3f} |"
-            )
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(self.COLUMNS) + " |", "|---:|---|---:|---:|---:|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.formatted_rows()]
         return "\n".join(lines)
 
     def plot(self, ax: Optional[Any] = None):
