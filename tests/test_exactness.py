@@ -85,6 +85,19 @@ def test_resnet18():
     check(model, randn(2, 3, 32, 32), labels(2, 10))
 
 
+@pytest.mark.parametrize("budget", [0, 20_000, 1 << 40], ids=["each_at_once", "a_few_at_a_time", "all_after"])
+@pytest.mark.parametrize("reduction", ["mean_abs", "mean"])
+def test_rules_deferred_past_the_backward_in_any_batches(monkeypatch, budget, reduction):
+    """On CPU the rules run after the backward in batches of layers up to a byte budget."""
+    import captum_paramsal.per_sample.engine as engine
+
+    monkeypatch.setattr(engine, "DEFERRED_BYTES", {"cpu": budget})
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    check(model, randn(3, 3, 32, 32), labels(3, 10), reduction=reduction)
+    check(ConvTwice().double(), randn(3, 3, 5, 5), labels(3), reduction=reduction)
+
+
 def test_mobilenet_v3_small():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=10).double()

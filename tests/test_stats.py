@@ -215,23 +215,36 @@ def test_profile_views_and_plots(tmp_path):
         prof.by_layer("median")
 
 
-def test_fit_stats_probes_once_per_input_shape(monkeypatch):
-    import captum_paramsal._core.parameter_saliency as core
+def test_the_probe_runs_once_per_input_signature(monkeypatch):
+    import captum_paramsal.per_sample.routing as routing
 
     calls = []
-    real_route = core.route
+    real_route = routing.route
 
     def counting_route(*args, **kwargs):
         calls.append(args[2][0].shape)
         return real_route(*args, **kwargs)
 
-    monkeypatch.setattr(core, "route", counting_route)
+    monkeypatch.setattr(routing, "route", counting_route)
     model, (x, y) = small_cnn(), small_data(20)
     ps = ParameterSaliency(model)
     stats = ps.fit_stats(loader(x, y, 6), progress=False)  # batches of 6, 6, 6, 2
     assert len(calls) == 1 and stats.count == 20
     expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
     assert torch.allclose(stats.mean, expected.mean(0), rtol=1e-10, atol=0)
-    ps.attribute(x[:3], target=y[:3])
-    ps.attribute(x[:3], target=y[:3])
-    assert len(calls) == 3  # attribute calls probe every time: the model may change between them
+    got = ps.attribute(x[:3], target=y[:3])
+    assert len(calls) == 1  # same signature (the batch size does not count): cached
+    assert rel(got, expected[:3]) < 1e-10
+    ParameterSaliency(model).attribute(x[:3], target=y[:3])
+    assert len(calls) == 2  # the cache belongs to one ParameterSaliency
+
+    torch.manual_seed(0)
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)
+    ).double()
+    ps = ParameterSaliency(pooled)
+    for size, probes in [(8, 3), (6, 4), (8, 4), (6, 4)]:  # another image size: probed once more
+        got = ps.attribute(x[:3, :, :size, :size], target=y[:3])
+        assert len(calls) == probes
+        expected = naive_unit_saliency(pooled, (x[:3, :, :size, :size],), y[:3], list(ps.layout.names))
+        assert rel(got, expected) < 1e-10

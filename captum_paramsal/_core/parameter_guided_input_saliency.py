@@ -22,7 +22,6 @@ from .._utils import (
     normalize_target,
 )
 from ..layout import SaliencyLayout
-from ..per_sample import route
 from ..per_sample.batching import slice_batch
 from ..per_sample.second_order import weighted_saliency_input_grads
 from ..stats import SaliencyStats
@@ -231,7 +230,7 @@ class ParameterGuidedInputSaliency(GradientAttribution):
 
         parts = []
         with evaluation_mode(self.model):
-            routing = route(self.model, ps._selection, inputs_tuple, extra)
+            routing = ps._routing_cache.routing(self.model, ps._selection, inputs_tuple, extra)
             for start in range(0, batch, step):
                 stop = min(start + step, batch)
                 chunk_units = None if units is None else _units_per_sample(units, batch)[start:stop]

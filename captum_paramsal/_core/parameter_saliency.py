@@ -24,7 +24,7 @@ from .._utils import (
     split_labelled_batch,
 )
 from ..layout import SaliencyLayout
-from ..per_sample import per_sample_unit_saliency, route, select_parameters
+from ..per_sample import RoutingCache, per_sample_unit_saliency, select_parameters
 from ..per_sample.batching import slice_batch
 from ..per_sample.reduce import check_reduction
 from ..profile import SaliencyProfile
@@ -107,6 +107,8 @@ class ParameterSaliency(GradientAttribution):
         self.model = model
         self.reduction = check_reduction(reduction)
         self._selection = select_parameters(model, params)
+        # the one-sample probe of the model, once per input signature (re-validated every pass)
+        self._routing_cache = RoutingCache()
         self._default_loss = loss_fn is None
         self.loss_fn = cross_entropy_per_sample if loss_fn is None else loss_fn
         if not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
@@ -173,10 +175,8 @@ class ParameterSaliency(GradientAttribution):
         target: TargetType,
         additional_forward_args: Any,
         internal_batch_size: Optional[int],
-        routings: Optional[dict] = None,
     ) -> Tensor:
-        """``(B, F)`` raw saliency. ``routings``: a cache of probe results by input signature
-        that one pass over a data set shares (the model cannot change within it)."""
+        """``(B, F)`` raw saliency."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "ParameterSaliency needs autograd, which torch.inference_mode() disables; "
@@ -191,12 +191,7 @@ class ParameterSaliency(GradientAttribution):
         step = internal_batch_size or batch
         rows = []
         with evaluation_mode(self.model):
-            key = tuple((tuple(x.shape[1:]), x.dtype) for x in inputs_tuple) if not extra else None
-            routing = routings.get(key) if routings is not None and key is not None else None
-            if routing is None:
-                routing = route(self.model, self._selection, inputs_tuple, extra)
-                if routings is not None and key is not None:
-                    routings[key] = routing
+            routing = self._routing_cache.routing(self.model, self._selection, inputs_tuple, extra)
             for start in range(0, batch, step):
                 stop = min(start + step, batch)
                 rows.append(
@@ -275,7 +270,6 @@ class ParameterSaliency(GradientAttribution):
             total = len(data.dataset)
         bar = tqdm(total=total, disable=not progress or rank != 0, unit="sample", desc="saliency statistics")
         seen = 0
-        routings: dict = {}  # the one-sample probe once per input shape, not once per batch
         try:
             for index, batch in enumerate(data):
                 if shard and index % world != rank:
@@ -288,7 +282,7 @@ class ParameterSaliency(GradientAttribution):
                     keep = max_samples - seen
                     inputs_tuple = tuple(x[:keep] for x in inputs_tuple)
                     labels = labels[:keep]
-                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size, routings))
+                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
                 seen += inputs_tuple[0].shape[0]
                 bar.update(inputs_tuple[0].shape[0])
                 if max_samples is not None and seen >= max_samples:

@@ -21,7 +21,7 @@ from .fallback import LossFn, fallback_unit_saliency
 from .grads import PerSampleGrad
 from .reduce import REDUCTIONS
 from .registry import default_grouping, find_rule
-from .routing import Routing
+from .routing import ParameterUseWatch, Routing
 from .selection import SelectedParameter, Selection
 from .tap import GradTap, new_anchor
 
@@ -32,6 +32,13 @@ TargetResolver = Callable[[Tensor], Tensor]
 #: Per-sample gradients are built this many values at a time (a chunk of samples),
 #: so a layer of 2M weights at batch 64 never needs half a gigabyte at once.
 WORKSPACE_VALUES = 1 << 22
+
+#: On CPU the rules run after the backward rather than inside it, in batches of layers
+#: whose saved (input, output gradient) pairs take up to this many bytes: a rule's matmuls
+#: interleaved with the backward's convolutions evict each other's data from the caches,
+#: which cost about a tenth of the engine's time on resnet18 (benchmarks/bench_saliency.py).
+#: On other devices kernels run asynchronously and each layer is reduced and freed at once.
+DEFERRED_BYTES = {"cpu": 256 << 20}
 
 
 @dataclass(frozen=True)
@@ -190,6 +197,21 @@ def _rule_pass(
         results[acc.param.name] = _reduce_calls(acc.param, acc.grads, batch, reduction, workspace)
         acc.grads = []  # free the saved activations and output gradients
 
+    budget = DEFERRED_BYTES.get(anchor.device.type, 0)
+    complete: List[_Accumulator] = []  # all calls seen, not yet reduced
+    deferred_bytes = [0]
+
+    def defer(acc: _Accumulator, pair_bytes: int) -> None:
+        complete.append(acc)
+        deferred_bytes[0] += pair_bytes
+        if deferred_bytes[0] > budget:
+            flush()
+
+    def flush() -> None:
+        while complete:
+            finish(complete.pop())
+        deferred_bytes[0] = 0
+
     def on_forward(module: nn.Module, args, kwargs, output):
         call = call_counts.get(module, 0)
         call_counts[module] = call + 1
@@ -200,7 +222,7 @@ def _rule_pass(
             and isinstance(output, Tensor)
             and activation.shape[:1] == (batch,)
             and output.shape[:1] == (batch,)
-            and (batch == 1 or routing.call_is_batch_first(module, call))
+            and (batch == 1 or routing.call_is_batch_first(module, call, activation, output))
         )
         if not usable:
             for _, acc in here:
@@ -218,28 +240,36 @@ def _rule_pass(
                 for attr, acc in here:
                     acc.raw.append(LayerCall(module, attr, kept, grad_output))
                 return
-            grads = rule(module, saved.pop(), grad_output, names)
+            activation = saved.pop()
+            grads = rule(module, activation, grad_output, names)
+            pair_bytes = sum(t.numel() * t.element_size() for t in (activation, grad_output))
             for attr, acc in here:
                 if acc.unusable:
                     continue
                 acc.grads.append(grads[attr])
                 if len(acc.grads) == acc.calls:
-                    finish(acc)
+                    defer(acc, pair_bytes)
+                    pair_bytes = 0  # a weight and a bias share one pair
 
         return GradTap.apply(output, anchor, on_grad)
 
     handles = [m.register_forward_hook(on_forward, with_kwargs=True) for m in by_module]
+    watch = ParameterUseWatch(params)  # the routing may be cached: check its first assumption again
     try:
         with torch.enable_grad():
-            output = model(*inputs, *additional_forward_args)
+            with watch:
+                output = model(*inputs, *additional_forward_args)
             if not isinstance(output, Tensor):
                 raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
             for h in handles:  # a loss_fn that calls the model again must not be tapped
                 h.remove()
+            for name in watch.foreign_names():  # used outside its owners' calls: the fallback's
+                accumulators[name].unusable = True
             target = resolve_target(output.detach())
             losses = _check_losses(loss_fn(output, target), batch)
             if losses.requires_grad:  # False when no tapped output reached the loss
                 torch.autograd.grad(losses.sum(), anchor, create_graph=keep_calls, allow_unused=True)
+            flush()
     finally:
         for h in handles:
             h.remove()
