@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/captum-paramsal demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check captum_paramsal tests benchmarks
+	$(PY) -m ruff check captum_paramsal tests benchmarks tutorials
 
 test: lint
 	$(PY) -m pytest -q

@@ -10,6 +10,10 @@ giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layou
 * ``fwd+bwd``  the bar to compare against, not a saliency method: one plain forward and backward
   of the whole batch (``model.zero_grad()``, ``model(x)``, mean cross-entropy, ``.backward()``).
 * ``engine``   ``ParameterSaliency(model).attribute(x, target=y)``: the library under test.
+* ``compiled`` the same with ``ParameterSaliency(model, compile_kernels=True)``: the layers of
+  rank 2..16 reduced by ``torch.compile``d kernels (opt-in). Compiling happens in the warm-up
+  call, which is not timed (it takes seconds: see the summary line); its CPU peak memory is not
+  measured (a cold call's would be the compiler's).
 * ``naive``    what the paper authors' reference code does: for each sample, a forward of that
   one sample, its loss, ``torch.autograd.grad`` over the selected weights, then the per-unit
   mean of ``|grad|``.
@@ -59,6 +63,7 @@ import multiprocessing
 import resource
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -77,7 +82,7 @@ from bench_common import (
     sync,
 )
 
-METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "naive", "vmap", "captum")
+METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "compiled", "naive", "vmap", "captum")
 TARGET_RATIO = 1.5
 
 
@@ -118,6 +123,7 @@ class Setup:
     x: Tensor
     y: Tensor
     saliency: ParameterSaliency
+    compiled: ParameterSaliency
     names: List[str]
     vmap_chunk: Optional[int] = None
 
@@ -135,7 +141,8 @@ def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int]
     for entry in saliency.layout:
         if params[entry.name].shape[0] != entry.num_units:
             raise NotImplementedError(f"the baselines take units along dim 0; {entry.name} has other units")
-    return Setup(model, x, y, saliency, names, vmap_chunk)
+    compiled = ParameterSaliency(model, compile_kernels=True)
+    return Setup(model, x, y, saliency, compiled, names, vmap_chunk)
 
 
 def build_setup(case: Case, device: str, quick: bool, vmap_chunk: Optional[int]) -> Setup:
@@ -171,6 +178,10 @@ def run_fwd_bwd(setup: Setup) -> None:
 
 def run_engine(setup: Setup) -> Tensor:
     return setup.saliency.attribute(setup.x, target=setup.y, internal_batch_size=None)
+
+
+def run_compiled(setup: Setup) -> Tensor:
+    return setup.compiled.attribute(setup.x, target=setup.y, internal_batch_size=None)
 
 
 def run_naive(setup: Setup) -> Tensor:
@@ -235,6 +246,7 @@ def run_captum(setup: Setup) -> Tensor:
 RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
     "fwd+bwd": run_fwd_bwd,
     "engine": run_engine,
+    "compiled": run_compiled,
     "naive": run_naive,
     "vmap": run_vmap,
     "captum": run_captum,
@@ -285,6 +297,7 @@ class MethodResult:
     times: List[float] = field(default_factory=list)
     peak_mib: Optional[float] = None
     rel_diff: Optional[float] = None
+    warmup_s: Optional[float] = None  # the first, untimed call (compiling, for "compiled")
     status: str = "ok"  # "ok", "OOM", "n/a" or an error summary
 
     @property
@@ -377,10 +390,12 @@ def measure_case(
     for method in ["naive"] + [m for m in active if m != "naive"]:
         log(f"  {result.case.name}: warm-up + check {method}")
         try:
+            started = time.perf_counter()
             outputs[method] = RUNNERS[method](setup)
             sync(setup.device)
+            methods[method].warmup_s = time.perf_counter() - started
         except Exception as error:  # noqa: BLE001 - a failing baseline is reported, not fatal
-            if method in ("fwd+bwd", "engine", "naive"):
+            if method in ("fwd+bwd", "engine", "compiled", "naive"):
                 raise
             methods[method].status = "OOM" if is_oom(error) else f"error: {type(error).__name__}"
             outputs[method] = None
@@ -392,13 +407,14 @@ def measure_case(
         if out is not None:
             methods[method].rel_diff = max_rel_diff(out, reference, setup)
     outputs.clear()
-    engine_diff = methods["engine"].rel_diff
-    assert engine_diff is not None
-    if not engine_diff <= tolerance:
-        raise AssertionError(
-            f"{result.case.name}: the engine differs from the naive loop by {engine_diff:.3g} "
-            f"(relative; tolerance {tolerance:g}): the timings would not be of equal work"
-        )
+    for ours in ("engine", "compiled"):
+        diff = methods[ours].rel_diff
+        assert diff is not None
+        if not diff <= tolerance:
+            raise AssertionError(
+                f"{result.case.name}: {ours} differs from the naive loop by {diff:.3g} "
+                f"(relative; tolerance {tolerance:g}): the timings would not be of equal work"
+            )
     active = [m for m in METHODS if methods[m].status == "ok"]
 
     if setup.device.type == "cuda" and cuda_memory:
@@ -467,9 +483,12 @@ def summary_lines(results: Sequence[CaseResult]) -> List[str]:
             f"{name}/engine = {m[name].median / engine:.2f}" if m[name].status == "ok" else f"{name}: {m[name].status}"
             for name in ("naive", "vmap", "captum")
         )
+        compiled = m["compiled"].median / m["fwd+bwd"].median
         lines.append(
             f"{res.case.name} ({res.device}, {res.num_params} weights, {res.num_units} units, {res.reps} reps): "
-            f"engine/fwd+bwd = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict}); {speedups}; "
+            f"engine/fwd+bwd = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict}); "
+            f"compiled/fwd+bwd = {compiled:.2f} ({'met' if compiled <= TARGET_RATIO else 'NOT met'}; "
+            f"its first call, compiling, took {_fmt(m['compiled'].warmup_s, '.1f')} s); {speedups}; "
             f"engine vs naive max rel diff = {_fmt(m['engine'].rel_diff, '.1e')}"
         )
     return lines
@@ -540,6 +559,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if res.device != "cpu":
                 continue
             for method in METHODS:
+                if method == "compiled":  # a cold call's peak would be the compiler's
+                    continue
                 log(f"  {res.case.name}: peak memory of {method} (forked child)")
                 status, peak = cpu_peak_memory(res.case, args.quick, args.vmap_chunk, method)
                 res.methods[method].peak_mib = peak

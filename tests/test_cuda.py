@@ -82,3 +82,15 @@ def test_model_state_unchanged_on_cuda():
     assert modes == [(n, m.training) for n, m in model.named_modules()]
     assert hooks == [(n, list(m._forward_hooks.items()), list(m._forward_pre_hooks.items()),
                       list(m._backward_hooks.items())) for n, m in model.named_modules()]
+
+
+def test_resnet18_cuda_compiled_kernels_match_naive_on_cpu():
+    # ResNet-18 at 32x32 has ranks 64, 16, 4 and 1: the rank-16 and rank-4 layers go
+    # through the compiled kernel (triton on CUDA)
+    x, y = batch()
+    expected = naive_unit_saliency(resnet18(), (x,), y, default_param_names(resnet18()))
+    ps = ParameterSaliency(resnet18().cuda(), compile_kernels=True)
+    got = ps.attribute(x.cuda(), target=y.cuda()).cpu()
+    assert rel_err(got, expected) < 1e-5
+    worst, name = blockwise_rel_err(got, expected, ps.layout)
+    assert worst < 1e-5, f"{name}: relative error {worst:.3e}"

@@ -72,7 +72,9 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         stats: reference :class:`SaliencyStats`; without them the raw profile is used.
         k: how many top units to boost (default 10).
         boost_factor: the factor for the chosen units (default 100; must be > 0).
-        loss_fn, params: as in :class:`ParameterSaliency`.
+        loss_fn, params, reduction, fallback_chunk_size, compile_kernels: as in
+            :class:`ParameterSaliency` (``compile_kernels`` speeds up the saliency
+            that picks the units, not the second derivative).
 
     Examples::
 
@@ -100,12 +102,13 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         params: Optional[Sequence[str]] = None,
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
+        compile_kernels: bool = False,
     ) -> None:
         GradientAttribution.__init__(self, model)
         self.model = model
         self.parameter_saliency = ParameterSaliency(
             model, params=params, loss_fn=loss_fn, reduction=reduction,
-            fallback_chunk_size=fallback_chunk_size, stats=stats,
+            fallback_chunk_size=fallback_chunk_size, stats=stats, compile_kernels=compile_kernels,
         )
         self.k = self._check_k(k)
         if not isinstance(boost_factor, (int, float)) or not boost_factor > 0:
@@ -247,7 +250,7 @@ class ParameterGuidedInputSaliency(GradientAttribution):
                     self.model, ps._selection, routing,
                     slice_batch(inputs_tuple, batch, start, stop), slice_batch(extra, batch, start, stop),
                     label_resolver(None if labels is None else labels[start:stop], ps._default_loss),
-                    ps.loss_fn, ps.reduction, ps.fallback_chunk_size, weights_of,
+                    ps.loss_fn, ps.reduction, ps.fallback_chunk_size, weights_of, fused=ps.compile_kernels,
                 )
                 parts.append(grads)
         result = tuple(torch.cat([p[i] for p in parts]) for i in range(len(inputs_tuple)))

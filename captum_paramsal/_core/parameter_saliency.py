@@ -69,6 +69,14 @@ class ParameterSaliency(GradientAttribution):
             ``SaliencyStats.load``); when given, :meth:`attribute` returns
             standardized saliency ``z = (s - mean) / std`` per unit. Statistics of
             another layout, reduction or loss are refused.
+        compile_kernels: reduce the layers whose per-sample gradient has rank 2 to
+            64 (a convolution with few output positions, a Linear over a short
+            sequence) with kernels compiled by ``torch.compile``, which never write
+            the per-sample gradient: several times faster on those layers, but each
+            new layer shape compiles once per process (about a second, several for
+            the first), and a CPU needs a C++ compiler. Worth it for long passes
+            (:meth:`fit_stats`, many batches); where compiling fails it warns and
+            goes on without. Default False.
 
     Attributes:
         layout (SaliencyLayout): the columns of the result: one entry per
@@ -102,6 +110,7 @@ class ParameterSaliency(GradientAttribution):
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
         stats: Optional[SaliencyStats] = None,
+        compile_kernels: bool = False,
     ) -> None:
         GradientAttribution.__init__(self, model)
         self.model = model
@@ -114,6 +123,9 @@ class ParameterSaliency(GradientAttribution):
         if not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
             raise ValueError(f"fallback_chunk_size must be a positive int, got {fallback_chunk_size!r}")
         self.fallback_chunk_size = fallback_chunk_size
+        if not isinstance(compile_kernels, bool):
+            raise TypeError(f"compile_kernels must be a bool, got {compile_kernels!r}")
+        self.compile_kernels = compile_kernels
         self.loss_name = "cross_entropy" if loss_fn is None else _callable_name(loss_fn)
         self.fingerprint = layout_fingerprint(self.layout, self.reduction, self.loss_name)
         self.stats = stats
@@ -205,6 +217,7 @@ class ParameterSaliency(GradientAttribution):
                         self.loss_fn,
                         self.reduction,
                         self.fallback_chunk_size,
+                        fused=self.compile_kernels,
                     )
                 )
         return torch.cat(rows) if len(rows) > 1 else rows[0]

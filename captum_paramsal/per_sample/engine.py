@@ -71,13 +71,15 @@ class _Accumulator:
 
 
 class _Workspace:
-    """A scratch buffer shared by the layers of one pass, grown on demand.
+    """What the layers of one pass share: a scratch buffer, grown on demand, and whether
+    to reduce with compiled kernels (:mod:`.fused`).
 
     One buffer, touched once, instead of a fresh allocation per chunk: on CPU the page
     faults of fresh multi-megabyte allocations cost more than the matmuls that fill them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused: bool = False) -> None:
+        self.fused = fused
         self._buffers: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
 
     def get(self, values: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -123,6 +125,9 @@ def _reduce_calls(
     closed = _closed_form(p, grads, reduction)
     if closed is not None:
         return closed
+    fused = _fused(p, grads, batch, reduction) if workspace.fused else None
+    if fused is not None:
+        return fused
     numel = max(1, p.param.numel())
     chunk = max(1, WORKSPACE_VALUES // numel)
     buffer = workspace.get(min(chunk, batch) * numel, p.param.dtype, p.param.device)
@@ -133,6 +138,22 @@ def _reduce_calls(
         for g in grads[1:]:
             dense = dense + g.materialize(start, stop)
         rows.append(reduce(p.grouping(dense, p.grouping_module), in_place=not dense.requires_grad))
+    return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _fused(p: SelectedParameter, grads: List[PerSampleGrad], batch: int, reduction: str) -> Optional[Tensor]:
+    """The units by the compiled kernel, chunked to a workspace's worth of factors; None
+    where it does not apply (or compiling failed)."""
+    if len(grads) != 1 or p.grouping is not default_grouping or not grads[0].can_fuse(reduction):
+        return None
+    g = grads[0]
+    chunk = max(1, WORKSPACE_VALUES // g.fused_values_per_sample())
+    rows = []
+    for start in range(0, batch, chunk):
+        part = g.fused_unit_reduce(reduction, start, min(start + chunk, batch))
+        if part is None:
+            return None
+        rows.append(part)
     return torch.cat(rows) if len(rows) > 1 else rows[0]
 
 
@@ -175,6 +196,7 @@ def _rule_pass(
     loss_fn: LossFn,
     reduction: str,
     keep_calls: bool = False,
+    fused: bool = False,
 ) -> Tuple[Dict[str, Any], List[SelectedParameter], Tensor]:
     """One tapped forward and backward over the rule-routed ``params``.
 
@@ -189,7 +211,7 @@ def _rule_pass(
         for module, attr in p.owners:
             by_module.setdefault(module, []).append((attr, accumulators[p.name]))
     results: Dict[str, Tensor] = {}
-    workspace = _Workspace()
+    workspace = _Workspace(fused)
     anchor = new_anchor(inputs[0].device)
     call_counts: Dict[nn.Module, int] = {}
 
@@ -294,6 +316,7 @@ def rules_first(
     loss_fn: LossFn,
     reduction: str,
     keep_calls: bool = False,
+    fused: bool = False,
 ) -> Tuple[Dict[str, Any], List[SelectedParameter], Optional[Tensor]]:
     """The rule pass over the parameters the routing gives the rules, then what is left.
 
@@ -309,7 +332,7 @@ def rules_first(
     if rule_params:
         results, unusable, target = _rule_pass(
             model, rule_params, routing, inputs, additional_forward_args, resolve_target, loss_fn, reduction,
-            keep_calls=keep_calls,
+            keep_calls=keep_calls, fused=fused,
         )
     taken_back = {p.name for p in unusable}
     fallback_params = [p for p in selection.params if p.name not in routing.rule_names or p.name in taken_back]
@@ -328,13 +351,16 @@ def per_sample_unit_saliency(
     loss_fn: LossFn,
     reduction: str,
     fallback_chunk_size: int,
+    fused: bool = False,
 ) -> Tensor:
     """``(B, F)`` unit saliency of one batch, columns in ``selection.layout`` order.
 
-    The model must already be in eval mode; the caller restores its state.
+    ``fused``: reduce with compiled kernels where they apply (:mod:`.fused`). The model
+    must already be in eval mode; the caller restores its state.
     """
     results, fallback_params, target = rules_first(
         model, selection, routing, inputs, additional_forward_args, resolve_target, loss_fn, reduction,
+        fused=fused,
     )
     if fallback_params:
         results.update(

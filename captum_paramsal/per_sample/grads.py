@@ -8,10 +8,13 @@ allows it, reduce it to units in closed form without building it at all.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .fused import MAX_FUSED_RANK, fused_low_rank_abs_mean
 
 
 class PerSampleGrad:
@@ -54,6 +57,20 @@ class PerSampleGrad:
 
     def unit_reduce(self, reduction: str, start: int, stop: int) -> Tensor:
         """``(n, units)`` with units along index 0, computed without materializing."""
+        raise NotImplementedError
+
+    def can_fuse(self, reduction: str) -> bool:
+        """Whether :meth:`fused_unit_reduce` applies (see :mod:`.fused`)."""
+        return False
+
+    def fused_values_per_sample(self) -> int:
+        """How many values per sample :meth:`fused_unit_reduce` holds at once."""
+        raise NotImplementedError
+
+    def fused_unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
+        """:meth:`unit_reduce`'s result by a compiled kernel that builds no per-sample
+        gradient, or None where it cannot run (compiling failed, or autograd would have to
+        go through it): the caller then takes the eager path."""
         raise NotImplementedError
 
 
@@ -145,3 +162,19 @@ class LowRankGrad(PerSampleGrad):
             right_l1 = self.right(start, stop).abs().mean(-1)  # (n, G, 1)
             return (left[..., 0].abs() * right_l1).reshape(stop - start, -1)
         raise ValueError(f"no closed form for reduction {reduction!r} at rank {left.shape[-1]}")
+
+    def can_fuse(self, reduction: str) -> bool:
+        tracked = torch.is_grad_enabled() and self.left.requires_grad  # the kernel is not differentiated
+        return reduction == "mean_abs" and 1 < self.left.shape[-1] <= MAX_FUSED_RANK and not tracked
+
+    def fused_values_per_sample(self) -> int:
+        groups, rows, positions = self.left.shape[1:]
+        entries = math.prod(self.shape) // (groups * rows)
+        return groups * positions * (rows + entries)
+
+    def fused_unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
+        left, right = self.left[start:stop], self.right(start, stop)
+        if torch.is_grad_enabled() and right.requires_grad:
+            return None
+        units = fused_low_rank_abs_mean(left.flatten(0, 1), right.flatten(0, 1))
+        return None if units is None else units.reshape(stop - start, -1)

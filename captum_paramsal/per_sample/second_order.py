@@ -115,6 +115,7 @@ def weighted_saliency_input_grads(
     reduction: str,
     fallback_chunk_size: int,
     weights_of: Callable[[Tensor], Tensor],
+    fused: bool = False,
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """``(saliency (B, F), weights (B, F), input gradients)`` for ``weights = weights_of(saliency)``.
 
@@ -122,7 +123,7 @@ def weighted_saliency_input_grads(
     """
     batch = inputs[0].shape[0]
     leaves = tuple(x.detach().requires_grad_() for x in inputs)
-    workspace = _Workspace()
+    workspace = _Workspace(fused)  # phase A's saliency may use the compiled kernels
     raw, fallback_params, target = rules_first(
         model, selection, routing, leaves, additional_forward_args, resolve_target, loss_fn, reduction,
         keep_calls=True,

@@ -1,0 +1,109 @@
+"""``compile_kernels=True``: the compiled low-rank reduction against the naive loop,
+its eager fallback when compiling fails, and its argument check.
+
+The models are small so that the handful of shapes compile in seconds: output maps of
+4x4 and 2x2 positions and a 3-step sequence give ranks 16, 4 and 3 (the fused range).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import captum_paramsal.per_sample.fused as fused
+from captum_paramsal import ParameterGuidedInputSaliency, ParameterSaliency
+
+from naive import naive_unit_saliency, rel_err
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)  # 6x6 -> 4x4: rank 16
+        self.b = nn.Conv2d(4, 6, 3, stride=2, padding=1)  # 4x4 -> 2x2: rank 4
+        self.head = nn.Linear(6 * 4, 5)  # rank 1: closed form, not fused
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))).flatten(1))
+
+
+class SequenceNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(5, 7)  # over 3 steps: rank 3
+        self.head = nn.Linear(7, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)).mean(1))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many times the compiled kernel answered (so a test fails if it never ran)."""
+    calls = []
+    real = fused.fused_low_rank_abs_mean
+
+    def counting(left, right):
+        out = real(left, right)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr("captum_paramsal.per_sample.grads.fused_low_rank_abs_mean", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make, shape, classes",
+    [(SmallConvNet, (7, 3, 6, 6), 5), (SequenceNet, (7, 3, 5), 4)],
+    ids=["conv", "sequence"],
+)
+def test_compiled_kernels_match_the_naive_loop(kernel_calls, make, shape, classes):
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randint(0, classes, (shape[0],))
+    ps = ParameterSaliency(model, compile_kernels=True)
+    got = ps.attribute(x, target=y, internal_batch_size=4)  # chunks of 4 and 3: one dynamic batch dim
+    expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
+    assert rel_err(got, expected) < 1e-10
+    assert kernel_calls and all(kernel_calls)
+    eager = ParameterSaliency(model).attribute(x, target=y)
+    assert rel_err(got, eager) < 1e-10
+
+
+def test_compiled_kernels_in_parameter_guided_input_saliency(kernel_calls):
+    torch.manual_seed(0)
+    model = SmallConvNet().double()
+    x = torch.randn(3, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 5, (3,))
+    eager = ParameterGuidedInputSaliency(model, k=3).attribute(x, target=y)
+    compiled = ParameterGuidedInputSaliency(model, k=3, compile_kernels=True).attribute(x, target=y)
+    assert rel_err(compiled, eager) < 1e-10
+    assert kernel_calls and all(kernel_calls)
+
+
+def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
+    def broken(left, right):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setitem(fused._compiled, "cpu", broken)
+    torch.manual_seed(0)
+    model = SmallConvNet().double()
+    x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+    ps = ParameterSaliency(model, compile_kernels=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed on cpu.*no C\\+\\+ compiler"):
+        got = ps.attribute(x, target=y)
+    assert fused._compiled["cpu"] is None  # given up for the process: no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = ps.attribute(x, target=y)
+    expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
+    assert rel_err(got, expected) < 1e-10 and rel_err(again, expected) < 1e-10
+
+
+def test_compile_kernels_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile_kernels must be a bool"):
+        ParameterSaliency(SmallConvNet(), compile_kernels="yes")
