@@ -1,5 +1,6 @@
-"""``compile_kernels=True``: the compiled low-rank reduction against the naive loop,
-its eager fallback when compiling fails, and its argument check.
+"""``compile_kernels=True``: the compiled low-rank reduction (and its pull-back, in the
+input saliency) against the naive loop and the eager path, their eager fallback when
+compiling fails, and the argument check.
 
 The models are small so that the handful of shapes compile in seconds: output maps of
 4x4 and 2x2 positions and a 3-step sequence give ranks 16, 4 and 3 (the fused range).
@@ -42,16 +43,21 @@ class SequenceNet(nn.Module):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """How many times the compiled kernel answered (so a test fails if it never ran)."""
+    """Which compiled kernels answered, and whether (so a test fails if one never ran)."""
     calls = []
-    real = fused.fused_low_rank_abs_mean
 
-    def counting(left, right):
-        out = real(left, right)
-        calls.append(out is not None)
-        return out
+    def counting(name):
+        real = getattr(fused, name)
 
-    monkeypatch.setattr("captum_paramsal.per_sample.grads.fused_low_rank_abs_mean", counting)
+        def kernel(*tensors):
+            out = real(*tensors)
+            calls.append((name, out is not None))
+            return out
+
+        return kernel
+
+    for name in ("fused_low_rank_abs_mean", "fused_low_rank_abs_mean_pull_back"):
+        monkeypatch.setattr(f"captum_paramsal.per_sample.grads.{name}", counting(name))
     return calls
 
 
@@ -69,7 +75,7 @@ def test_compiled_kernels_match_the_naive_loop(kernel_calls, make, shape, classe
     got = ps.attribute(x, target=y, internal_batch_size=4)  # chunks of 4 and 3: one dynamic batch dim
     expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
     assert rel_err(got, expected) < 1e-10
-    assert kernel_calls and all(kernel_calls)
+    assert kernel_calls and all(ok for _, ok in kernel_calls)
     eager = ParameterSaliency(model).attribute(x, target=y)
     assert rel_err(got, eager) < 1e-10
 
@@ -82,26 +88,38 @@ def test_compiled_kernels_in_parameter_guided_input_saliency(kernel_calls):
     eager = ParameterGuidedInputSaliency(model, k=3).attribute(x, target=y)
     compiled = ParameterGuidedInputSaliency(model, k=3, compile_kernels=True).attribute(x, target=y)
     assert rel_err(compiled, eager) < 1e-10
-    assert kernel_calls and all(kernel_calls)
+    assert {name for name, ok in kernel_calls if ok} == {
+        "fused_low_rank_abs_mean",  # the saliency that chooses the boosted units
+        "fused_low_rank_abs_mean_pull_back",  # its gradient
+    }
+    assert all(ok for _, ok in kernel_calls)
 
 
 def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
-    def broken(left, right):
-        raise RuntimeError("no C++ compiler here")
+    def compile_without_a_compiler(function, **options):
+        def broken(*tensors):  # as torch.compile fails: at the first call
+            raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setitem(fused._compiled, "cpu", broken)
+        return broken
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused.torch, "compile", compile_without_a_compiler)
     torch.manual_seed(0)
     model = SmallConvNet().double()
     x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
     ps = ParameterSaliency(model, compile_kernels=True)
     with pytest.warns(RuntimeWarning, match="torch.compile failed on cpu.*no C\\+\\+ compiler"):
         got = ps.attribute(x, target=y)
-    assert fused._compiled["cpu"] is None  # given up for the process: no second warning
+    assert fused._compiled == {("low_rank_abs_mean", "cpu"): None}  # given up: no second warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = ps.attribute(x, target=y)
     expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
     assert rel_err(got, expected) < 1e-10 and rel_err(again, expected) < 1e-10
+
+    with pytest.warns(RuntimeWarning, match="instead of low_rank_abs_mean_pull_back"):
+        boosted = ParameterGuidedInputSaliency(model, k=3, compile_kernels=True).attribute(x, target=y)
+    assert rel_err(boosted, ParameterGuidedInputSaliency(model, k=3).attribute(x, target=y)) < 1e-10
 
 
 def test_compile_kernels_must_be_a_bool():

@@ -18,7 +18,7 @@ compile_kernels=True)``.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -40,37 +40,64 @@ def low_rank_abs_mean(left: Tensor, right: Tensor) -> Tensor:
     return total.abs().mean(-1)
 
 
-_compiled: Dict[str, Optional[Callable[[Tensor, Tensor], Tensor]]] = {}
+def low_rank_abs_mean_pull_back(left: Tensor, right: Tensor, row_scale: Tensor) -> Tuple[Tensor, Tensor]:
+    """Cotangents of ``sum_r row_scale[:, r] * sum_j |g[:, r, j]|`` for ``g = left @ right``,
+    with respect to ``left`` and ``right``, written plainly: ``d|g|/dg = sgn(g)`` (0 at 0,
+    autograd's convention), recomputed from the factors in each of the two reductions
+    (over ``j`` for ``left``, over ``r`` for ``right``) instead of stored."""
+    positions = left.shape[-1]
+    total = left[:, :, 0, None] * right[:, None, 0, :]
+    for p in range(1, positions):
+        total = total + left[:, :, p, None] * right[:, None, p, :]
+    signs = torch.sgn(total)
+    d_left = torch.stack([(signs * right[:, None, p, :]).sum(-1) for p in range(positions)], -1)
+    scaled = left * row_scale[..., None]
+    d_right = torch.stack([(scaled[:, :, p, None] * signs).sum(1) for p in range(positions)], 1)
+    return d_left * row_scale[..., None], d_right
 
 
-def _kernel(device_type: str) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
-    if device_type not in _compiled:
+#: compiled kernels per (function, device type); None once compiling failed there
+_compiled: Dict[Tuple[str, str], Optional[Callable[..., Any]]] = {}
+
+
+def _run_compiled(function: Callable[..., Any], *tensors: Tensor) -> Any:
+    """``function(*tensors)`` compiled for their device type, or None where compiling
+    failed there (after one warning); the caller then takes the eager path."""
+    device_type = tensors[0].device.type
+    key = (function.__name__, device_type)
+    if key not in _compiled:
         # static shapes (dynamo would otherwise turn every dim dynamic after the second
         # shape, and dynamic inner sizes defeat the vectorization); the batch dim is
         # marked dynamic per call instead
-        _compiled[device_type] = torch.compile(low_rank_abs_mean, dynamic=False, fullgraph=True)
-    return _compiled[device_type]
+        _compiled[key] = torch.compile(function, dynamic=False, fullgraph=True)
+    kernel = _compiled[key]
+    if kernel is None:
+        return None
+    tensors = tuple(t.contiguous() for t in tensors)  # vectorized along the last dim
+    if tensors[0].shape[0] > 1:  # one kernel for every chunk size of a layer
+        for t in tensors:
+            torch._dynamo.mark_dynamic(t, 0)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            return kernel(*tensors)
+    except Exception as error:  # no C++ compiler, no triton, an unsupported dtype ...
+        _compiled[key] = None
+        warnings.warn(
+            f"compile_kernels: torch.compile failed on {device_type} ({type(error).__name__}: {error}); "
+            f"using the eager path instead of {function.__name__} for the rest of this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
 
 
 def fused_low_rank_abs_mean(left: Tensor, right: Tensor) -> Optional[Tensor]:
-    """:func:`low_rank_abs_mean` compiled, or None where compiling failed on this device
-    type (after one warning); the caller then takes the eager path."""
-    kernel = _kernel(left.device.type)
-    if kernel is None:
-        return None
-    left, right = left.contiguous(), right.contiguous()  # vectorized along j
-    if left.shape[0] > 1:  # one kernel for every chunk size of a layer
-        torch._dynamo.mark_dynamic(left, 0)
-        torch._dynamo.mark_dynamic(right, 0)
-    try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            return kernel(left, right)
-    except Exception as error:  # no C++ compiler, no triton, an unsupported dtype ...
-        _compiled[left.device.type] = None
-        warnings.warn(
-            f"compile_kernels: torch.compile failed on {left.device.type} ({type(error).__name__}: {error}); "
-            "using the eager kernels for the rest of this process",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
+    """:func:`low_rank_abs_mean` compiled, or None (see :func:`_run_compiled`)."""
+    return _run_compiled(low_rank_abs_mean, left, right)
+
+
+def fused_low_rank_abs_mean_pull_back(
+    left: Tensor, right: Tensor, row_scale: Tensor
+) -> Optional[Tuple[Tensor, Tensor]]:
+    """:func:`low_rank_abs_mean_pull_back` compiled, or None (see :func:`_run_compiled`)."""
+    return _run_compiled(low_rank_abs_mean_pull_back, left, right, row_scale)

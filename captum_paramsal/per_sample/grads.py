@@ -14,7 +14,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .fused import MAX_FUSED_RANK, fused_low_rank_abs_mean
+from .fused import MAX_FUSED_RANK, fused_low_rank_abs_mean, fused_low_rank_abs_mean_pull_back
 
 
 class PerSampleGrad:
@@ -72,6 +72,14 @@ class PerSampleGrad:
         gradient, or None where it cannot run (compiling failed, or autograd would have to
         go through it): the caller then takes the eager path."""
         raise NotImplementedError
+
+    def fused_mean_abs_pull_back(
+        self, start: int, stop: int, row_scale: Tensor
+    ) -> Optional[List[Tuple[Tensor, Tensor]]]:
+        """:meth:`pull_back` of ``sum(row_scale * units)`` for ``mean_abs`` (``row_scale``
+        already divided by the unit size), the cotangent ``sgn(g)`` never built: a compiled
+        kernel recomputes it. None where that does not apply or compiling failed."""
+        return None
 
 
 class DenseGrad(PerSampleGrad):
@@ -171,6 +179,21 @@ class LowRankGrad(PerSampleGrad):
         groups, rows, positions = self.left.shape[1:]
         entries = math.prod(self.shape) // (groups * rows)
         return groups * positions * (rows + entries)
+
+    def fused_mean_abs_pull_back(
+        self, start: int, stop: int, row_scale: Tensor
+    ) -> Optional[List[Tuple[Tensor, Tensor]]]:
+        if not 1 < self.left.shape[-1] <= MAX_FUSED_RANK or self._pull_back is not None:
+            return None
+        left, right = self.left[start:stop], self.right(start, stop)
+        with torch.no_grad():
+            cotangents = fused_low_rank_abs_mean_pull_back(
+                left.flatten(0, 1), right.flatten(0, 1), row_scale.reshape(left.shape[:-1]).flatten(0, 1)
+            )
+        if cotangents is None:
+            return None
+        d_left, d_right = cotangents
+        return [(left, d_left.view(left.shape)), (right, d_right.view(right.shape))]
 
     def fused_unit_reduce(self, reduction: str, start: int, stop: int) -> Optional[Tensor]:
         left, right = self.left[start:stop], self.right(start, stop)

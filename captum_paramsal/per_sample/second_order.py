@@ -47,7 +47,10 @@ def _mean_abs_pull_back(
     p: SelectedParameter, grads: List[PerSampleGrad], weights: Tensor, workspace: _Workspace
 ) -> Optional[List[Tuple[Tensor, Tensor]]]:
     """``(tensor, cotangent)`` pairs of ``sum(weights * mean_abs units)`` through the rules'
-    own :meth:`~.grads.PerSampleGrad.pull_back`, or ``None`` where a rule has none.
+    own :meth:`~.grads.PerSampleGrad.pull_back`, or ``None`` where a rule has none
+    (with ``compile_kernels``, the single-call low-rank layers take the compiled
+    :meth:`~.grads.PerSampleGrad.fused_mean_abs_pull_back` instead, which builds nothing
+    dense).
 
     By hand rather than by autograd through the dense gradient, whose ``abs``, its backward's
     ``sgn`` and ``mul`` and the mean's broadcast would each pass over ``n x numel`` values:
@@ -59,6 +62,10 @@ def _mean_abs_pull_back(
         return None
     batch, numel = weights.shape[0], p.param.numel()
     row_scale = weights / (numel // p.num_units)
+    if workspace.fused and len(grads) == 1:
+        pairs = grads[0].fused_mean_abs_pull_back(0, batch, row_scale)
+        if pairs is not None:
+            return pairs
     with torch.no_grad():
         dense = grads[0].materialize(0, batch, workspace.get(batch * numel, p.param.dtype, p.param.device))
         for g in grads[1:]:
