@@ -139,6 +139,14 @@ def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
     assert four.count == 4 and rel(four.mean, reference_stats(folder, max_samples=4).mean) < 1e-10
 
 
+def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
+    out = tmp_path / "stats.safetensors"
+    assert main(stats_args(folder, out, "--compile-kernels")) == 0
+    got, expected = SaliencyStats.load(str(out)), reference_stats(folder)
+    # float32, the sums over positions in another order than the eager matmul's
+    assert got.count == expected.count and rel(got.mean, expected.mean) < 1e-5 and rel(got.std, expected.std) < 1e-4
+
+
 def test_stats_under_torchrun_equals_one_process(folder, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     assert main(stats_args(folder, one)) == 0

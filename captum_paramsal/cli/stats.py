@@ -34,6 +34,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default 0)")
     parser.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--compile-kernels", action="store_true",
+        help="reduce the low-rank layers with torch.compile'd kernels: seconds to compile, then faster passes",
+    )
     parser.set_defaults(run=run)
 
 
@@ -76,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             shard(dataset, rank, world, args.max_samples), batch_size=args.batch_size,
             num_workers=args.workers, collate_fn=stack_batch, pin_memory=device.type == "cuda",
         )
-        ps = ParameterSaliency(model)
+        ps = ParameterSaliency(model, compile_kernels=args.compile_kernels)
         stats = ps.fit_stats(
             loader, progress=not args.no_progress, internal_batch_size=args.internal_batch_size, shard=False
         )
