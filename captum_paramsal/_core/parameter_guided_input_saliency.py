@@ -73,8 +73,9 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         k: how many top units to boost (default 10).
         boost_factor: the factor for the chosen units (default 100; must be > 0).
         loss_fn, params, reduction, fallback_chunk_size, compile_kernels: as in
-            :class:`ParameterSaliency` (``compile_kernels`` speeds up the saliency
-            that picks the units, not the second derivative).
+            :class:`ParameterSaliency` (``compile_kernels`` speeds up both the
+            saliency that picks the units and, for ``mean_abs``, the pull-back of
+            its gradient through the same low-rank layers).
 
     Examples::
 

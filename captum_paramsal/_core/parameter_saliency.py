@@ -70,7 +70,7 @@ class ParameterSaliency(GradientAttribution):
             standardized saliency ``z = (s - mean) / std`` per unit. Statistics of
             another layout, reduction or loss are refused.
         compile_kernels: reduce the layers whose per-sample gradient has rank 2 to
-            64 (a convolution with few output positions, a Linear over a short
+            16 (a convolution with few output positions, a Linear over a short
             sequence) with kernels compiled by ``torch.compile``, which never write
             the per-sample gradient: several times faster on those layers, but each
             new layer shape compiles once per process (about a second, several for
