@@ -63,6 +63,11 @@ class PerSampleGrad:
         """Whether :meth:`fused_unit_reduce` applies (see :mod:`.fused`)."""
         return False
 
+    def fusable(self) -> bool:
+        """Whether this gradient's form has compiled kernels (:meth:`fused_unit_reduce`,
+        :meth:`fused_mean_abs_pull_back`), whatever autograd tracks."""
+        return False
+
     def fused_values_per_sample(self) -> int:
         """How many values per sample :meth:`fused_unit_reduce` holds at once."""
         raise NotImplementedError
@@ -171,9 +176,12 @@ class LowRankGrad(PerSampleGrad):
             return (left[..., 0].abs() * right_l1).reshape(stop - start, -1)
         raise ValueError(f"no closed form for reduction {reduction!r} at rank {left.shape[-1]}")
 
+    def fusable(self) -> bool:
+        return 1 < self.left.shape[-1] <= MAX_FUSED_RANK and self._materialize is None and self._pull_back is None
+
     def can_fuse(self, reduction: str) -> bool:
         tracked = torch.is_grad_enabled() and self.left.requires_grad  # the kernel is not differentiated
-        return reduction == "mean_abs" and 1 < self.left.shape[-1] <= MAX_FUSED_RANK and not tracked
+        return reduction == "mean_abs" and self.fusable() and not tracked
 
     def fused_values_per_sample(self) -> int:
         groups, rows, positions = self.left.shape[1:]
@@ -183,7 +191,7 @@ class LowRankGrad(PerSampleGrad):
     def fused_mean_abs_pull_back(
         self, start: int, stop: int, row_scale: Tensor
     ) -> Optional[List[Tuple[Tensor, Tensor]]]:
-        if not 1 < self.left.shape[-1] <= MAX_FUSED_RANK or self._pull_back is not None:
+        if not self.fusable():
             return None
         left, right = self.left[start:stop], self.right(start, stop)
         with torch.no_grad():
