@@ -7,6 +7,10 @@ Eagerly that is a batched matmul writing all ``m * R * J`` products, then ``abs`
 the three passes dominate the engine's time (a ResNet's deep layers at small inputs).
 ``torch.compile`` fuses the sum over ``p`` into the reduction over ``j``, so each
 product lives in a register and nothing of size ``m * R * J`` is written.
+:func:`low_rank_abs_mean_pull_back` does the same for the input saliency's second
+pass (the cotangents of the weighted units with respect to both factors); there
+inductor still writes the signs ``sgn(g)`` once, since two reductions over different
+axes read them, but skips the eager path's product and its separate ``sgn``.
 
 Costs: each distinct shape compiles once per process (about a second after the first
 compilation, which takes several; inductor caches the generated code on disk), and
@@ -78,7 +82,9 @@ def _run_compiled(function: Callable[..., Any], *tensors: Tensor) -> Any:
         for t in tensors:
             torch._dynamo.mark_dynamic(t, 0)
     try:
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        config = torch._dynamo.config  # imported on first use: importing dynamo takes a while
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+        with config.patch(**{limit: RECOMPILE_LIMIT}):
             return kernel(*tensors)
     except Exception as error:  # no C++ compiler, no triton, an unsupported dtype ...
         _compiled[key] = None
