@@ -82,8 +82,9 @@ class PerSampleGrad:
         self, start: int, stop: int, row_scale: Tensor
     ) -> Optional[List[Tuple[Tensor, Tensor]]]:
         """:meth:`pull_back` of ``sum(row_scale * units)`` for ``mean_abs`` (``row_scale``
-        already divided by the unit size), the cotangent ``sgn(g)`` never built: a compiled
-        kernel recomputes it. None where that does not apply or compiling failed."""
+        already divided by the unit size) by one compiled kernel from the factors (the
+        product, its signs and both cotangents), instead of the eager product, ``sgn_`` and
+        two matmuls. None where that does not apply or compiling failed."""
         return None
 
 

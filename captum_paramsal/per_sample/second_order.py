@@ -49,8 +49,7 @@ def _mean_abs_pull_back(
     """``(tensor, cotangent)`` pairs of ``sum(weights * mean_abs units)`` through the rules'
     own :meth:`~.grads.PerSampleGrad.pull_back`, or ``None`` where a rule has none
     (with ``compile_kernels``, the single-call low-rank layers take the compiled
-    :meth:`~.grads.PerSampleGrad.fused_mean_abs_pull_back` instead, which builds nothing
-    dense).
+    :meth:`~.grads.PerSampleGrad.fused_mean_abs_pull_back` instead).
 
     By hand rather than by autograd through the dense gradient, whose ``abs``, its backward's
     ``sgn`` and ``mul`` and the mean's broadcast would each pass over ``n x numel`` values:
