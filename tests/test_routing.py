@@ -96,7 +96,6 @@ def test_a_call_whose_batch_moved_after_the_probe_goes_to_the_fallback(probes):
     assert len(probes) == 1
 
 
-
 def test_unhashable_extra_arguments_are_probed_every_time(probes):
     class TakesOptions(nn.Module):
         def __init__(self) -> None:
