@@ -125,3 +125,20 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
 def test_compile_kernels_must_be_a_bool():
     with pytest.raises(TypeError, match="compile_kernels must be a bool"):
         ParameterSaliency(SmallConvNet(), compile_kernels="yes")
+
+
+def test_compiled_kernels_under_no_grad_and_in_noise_tunnel(kernel_calls):
+    from captum.attr import NoiseTunnel
+
+    torch.manual_seed(0)
+    model = SmallConvNet().double()
+    x, y = torch.randn(3, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (3,))
+    compiled, eager = ParameterSaliency(model, compile_kernels=True), ParameterSaliency(model)
+    with torch.no_grad():
+        assert rel_err(compiled.attribute(x, target=y), eager.attribute(x, target=y)) < 1e-10
+    kwargs = dict(nt_type="smoothgrad", nt_samples=4, stdevs=0.1, target=y)
+    torch.manual_seed(1)
+    smoothed = NoiseTunnel(compiled).attribute(x, **kwargs)
+    torch.manual_seed(1)
+    assert rel_err(smoothed, NoiseTunnel(eager).attribute(x, **kwargs)) < 1e-10
+    assert kernel_calls and all(ok for _, ok in kernel_calls)
