@@ -232,6 +232,3 @@ class RoutingCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return result
-
-    def clear(self) -> None:
-        self._entries.clear()
