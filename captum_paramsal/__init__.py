@@ -3,7 +3,7 @@
 from ._core.parameter_guided_input_saliency import ParameterGuidedInputSaliency
 from ._core.parameter_saliency import ParameterSaliency
 from .layout import LayoutEntry, SaliencyLayout
-from .profile import SaliencyProfile, UnitScore
+from .saliency_profile import SaliencyProfile, UnitScore
 from .spade import SPADE, SampleTargetedPruning
 from .stats import SaliencyStats
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional, Tuple
 import torch
 
 if TYPE_CHECKING:
-    from .profile import SaliencyProfile
+    from .saliency_profile import SaliencyProfile
 
 
 def _figure_and_axes(ax: Optional[Any], figsize: Tuple[float, float]):

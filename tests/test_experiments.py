@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from captum_paramsal import ParameterSaliency
-from captum_paramsal.experiments.report import write_section
+from captum_paramsal.experiments.results_markdown import write_section
 from captum_paramsal.experiments.reproduce import run
 from captum_paramsal.zoo import load_digits_model
 from captum_paramsal.zoo.digits import read_metadata

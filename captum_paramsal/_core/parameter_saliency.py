@@ -27,7 +27,7 @@ from ..layout import SaliencyLayout
 from ..per_sample import RoutingCache, per_sample_unit_saliency, select_parameters
 from ..per_sample.batching import slice_batch
 from ..per_sample.reduce import check_reduction
-from ..profile import SaliencyProfile
+from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint
 
 

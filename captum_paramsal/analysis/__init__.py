@@ -3,8 +3,8 @@ data-set profiles."""
 
 from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, neighbour_correction
 from .index import SaliencyIndex, SemanticAgreement, semantic_agreement
-from .profiles import DatasetProfiles, dataset_profiles
-from .pruning import PruningResult, pruning_curves
+from .dataset_profiles import DatasetProfiles, dataset_profiles
+from .turn_off_curves import PruningResult, pruning_curves
 
 __all__ = [
     "DatasetProfiles",

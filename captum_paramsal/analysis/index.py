@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layout import SaliencyLayout
-from .profiles import labelled_batches, predict
+from .dataset_profiles import labelled_batches, predict
 
 BACKENDS = ("torch", "faiss")
 #: The torch backend's similarity block (queries x set) holds at most this many entries

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .._core.parameter_saliency import ParameterSaliency
     from ..analysis import pruning_curves
-    from ..report import write_report
+    from ..html_report import write_report
     from ..zoo import load_digits_model
     from ..zoo.digits import CLASSES
 

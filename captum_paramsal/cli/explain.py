@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .._core.parameter_saliency import ParameterSaliency
     from ..images import imagenet_transform
-    from ..report import write_report
+    from ..html_report import write_report
     from ..stats import SaliencyStats
 
     if args.max_samples < 1 or args.top_k < 1:

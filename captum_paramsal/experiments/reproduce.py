@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .report import write_section
+from .results_markdown import write_section
 
 
 def run(out_dir: str = "docs", quick: bool = False) -> str:

@@ -435,7 +435,7 @@ def run(args: argparse.Namespace) -> int:
     text = report(outcome)
     print(text)
     if args.results:
-        from .report import write_section
+        from .results_markdown import write_section
 
         options = _options_of(args)
         command = "python -m captum_paramsal.experiments.trojan" + (f" {options}" if options else "")

@@ -7,7 +7,7 @@
 """
 
 from .augment import DefaultAugmentation, augmented_batch
-from .pruning import SampleTargetedPruning, swapped_weights
+from .sample_pruning import SampleTargetedPruning, swapped_weights
 from .solver import exact_reconstruction, sparsegpt_prune
 from .wrapper import SPADE, find_model
 

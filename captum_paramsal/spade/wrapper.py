@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .._utils import format_inputs
 from .augment import AugmentFn
-from .pruning import SampleTargetedPruning, SparsityType
+from .sample_pruning import SampleTargetedPruning, SparsityType
 
 
 class SPADE(Attribution):
