@@ -24,7 +24,10 @@ class UnitScore(NamedTuple):
 class SaliencyProfile:
     """Per-sample unit saliency ``values (B, F)`` and the :class:`SaliencyLayout` of its columns.
 
-    ``standardized`` says whether the values are z-scores against reference statistics.
+    ``standardized`` says whether the values are z-scores against reference statistics;
+    ``reduction`` names how each unit's per-sample gradient became one number (``"mean_abs"``,
+    ``"mean"`` or ``"rms"``, see :mod:`captum_paramsal.per_sample.reductions`), which the
+    figures' axis labels say.
 
     Examples::
 
@@ -32,25 +35,35 @@ class SaliencyProfile:
         >>> prof.top_k(5)[0]            # sample 0's five most salient units
         [UnitScore(param='layer4.1.conv2.weight', unit=97, value=6.1, column=4711), ...]
         >>> prof.by_layer("max")        # (B, number of parameters)
-        >>> fig = prof.plot(0)          # the paper's figure; fig.savefig("profile.png")
+        >>> fig = prof.plot(0, name="image 17 (label cat, predicted dog)")  # fig.savefig("profile.png")
     """
 
     values: Tensor
     layout: SaliencyLayout
     standardized: bool = False
+    reduction: str = "mean_abs"
 
     def __post_init__(self) -> None:
+        from .per_sample.reductions import get_reduction
+
         if self.values.dim() != 2 or self.values.shape[1] != self.layout.num_columns:
             raise ValueError(
                 f"profile values must be (batch, {self.layout.num_columns}), got {tuple(self.values.shape)}"
             )
+        # a Reduction object is stored by its name; an unknown name is a clear error here
+        object.__setattr__(self, "reduction", get_reduction(self.reduction).name)
 
     def __len__(self) -> int:
         return self.values.shape[0]
 
     @property
     def value_label(self) -> str:
-        return "standardized saliency (z)" if self.standardized else "saliency (mean |grad|)"
+        """What the values are, for an axis: e.g. ``"standardized saliency: z of mean |grad|"``,
+        ``"saliency: mean grad (signed)"``."""
+        from .per_sample.reductions import get_reduction
+
+        label = get_reduction(self.reduction).label
+        return f"standardized saliency: z of {label}" if self.standardized else f"saliency: {label}"
 
     def _check_sample(self, sample: int) -> None:
         if not -len(self) <= sample < len(self):
@@ -94,17 +107,28 @@ class SaliencyProfile:
                     )
         return records
 
-    def plot(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None):
+    def _title(self, what: str, sample: int, name: Optional[str]) -> str:
+        return f"{what}: {name if name is not None else f'sample {sample}'}"
+
+    def plot(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None):
         """The paper's figure: each layer's values sorted descending, layers in network order,
-        boundaries marked, the sample's top-``k`` units highlighted. Returns the Figure."""
+        boundaries marked, the sample's top-``k`` units highlighted. Returns the Figure.
+
+        ``name`` says which sample the figure shows in its title (e.g. ``"digit 35 (label 3,
+        predicted 5)"``); the default, ``"sample {sample}"``, only knows the row of this profile.
+        """
         from .visualization import plot_profile
 
         self._check_sample(sample)
-        return plot_profile(self, sample, k=k, ax=ax)
+        return plot_profile(self.values[sample], self.layout, k=k, value_label=self.value_label,
+                            title=self._title("parameter saliency profile", sample, name), ax=ax)
 
-    def plot_top_k(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None):
-        """A bar chart of the sample's top-``k`` units. Returns the Figure."""
+    def plot_top_k(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None):
+        """A bar chart of the sample's top-``k`` units (``name`` as in :meth:`plot`). Returns the Figure."""
         from .visualization import plot_top_units
 
         self._check_sample(sample)
-        return plot_top_units(self, sample, k=k, ax=ax)
+        if not 1 <= k <= self.layout.num_columns:
+            raise ValueError(f"k must be between 1 and {self.layout.num_columns}, got {k}")
+        return plot_top_units(self.values[sample], self.layout, k=k, value_label=self.value_label,
+                              title=self._title(f"top {k} units", sample, name), ax=ax)

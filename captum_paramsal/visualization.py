@@ -1,14 +1,19 @@
-"""Figures: matplotlib ``Figure`` objects built without pyplot, so they work headless and
-show inline in notebooks (``fig.savefig(path)`` writes a file)."""
+"""Figures: matplotlib ``Figure`` objects built without pyplot, so they work headless, leave a
+notebook's backend alone and show inline when a notebook cell returns them
+(``fig.savefig(path)`` writes a file).
+
+The plotting functions take plain values and the :class:`~.layout.SaliencyLayout` that names
+their columns; :meth:`.SaliencyProfile.plot` and :meth:`.SaliencyProfile.plot_top_k` call them
+with a profile's row, its value label and the sample's name.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from .saliency_profile import SaliencyProfile
+from .layout import SaliencyLayout
 
 
 def _figure_and_axes(ax: Optional[Any], figsize: Tuple[float, float]):
@@ -20,14 +25,40 @@ def _figure_and_axes(ax: Optional[Any], figsize: Tuple[float, float]):
     return figure, figure.subplots()
 
 
-def plot_profile(profile: SaliencyProfile, sample: int, k: int = 10, ax: Optional[Any] = None):
-    """Each parameter's units sorted by value, descending, concatenated in network order;
-    vertical lines between parameters; the sample's top-``k`` units in red."""
+def _one_sample(values, layout: SaliencyLayout) -> torch.Tensor:
+    values = torch.as_tensor(values).detach().double().cpu()
+    if values.dim() != 1 or values.numel() != layout.num_columns:
+        raise ValueError(f"values must be one sample's {layout.num_columns} columns, got shape {tuple(values.shape)}")
+    return values
+
+
+def plot_profile(
+    values,
+    layout: SaliencyLayout,
+    k: int = 10,
+    value_label: str = "saliency",
+    title: Optional[str] = None,
+    ax: Optional[Any] = None,
+):
+    """The paper's profile figure of one sample: each parameter's units sorted by value,
+    descending, concatenated in network order; vertical lines between parameters; the
+    sample's top-``k`` units in red.
+
+    Args:
+        values: the sample's ``(layout.num_columns,)`` values (a tensor or array).
+        layout: the layout naming the columns.
+        value_label: the y axis, what the values are (e.g. ``"standardized saliency: z of mean |grad|"``).
+        title: the figure's title (default ``"parameter saliency profile"``).
+        ax: a matplotlib axes to draw into; default: a new ``Figure``.
+
+    Returns:
+        the ``Figure``.
+    """
+    values = _one_sample(values, layout)
     figure, ax = _figure_and_axes(ax, (10, 3.5))
-    values = profile.values[sample].detach().double().cpu()
     top = set(values.topk(min(k, values.numel())).indices.tolist()) if k > 0 else set()
     x0, hx, hy, boundaries = 0, [], [], []
-    for index, entry in enumerate(profile.layout):
+    for index, entry in enumerate(layout):
         block = values[entry.slice]
         order = torch.argsort(block, descending=True)
         positions = list(range(x0, x0 + entry.num_units))
@@ -46,22 +77,35 @@ def plot_profile(profile: SaliencyProfile, sample: int, k: int = 10, ax: Optiona
         ax.axvline(boundary, color="0.8", linewidth=0.6, zorder=0)
     ax.set_xlim(0, max(x0, 1))
     ax.set_xlabel("units: each layer sorted descending, layers in network order")
-    ax.set_ylabel(profile.value_label)
-    ax.set_title(f"parameter saliency profile, sample {sample}")
+    ax.set_ylabel(value_label)
+    ax.set_title(title if title is not None else "parameter saliency profile")
     ax.legend(loc="upper right", fontsize="small")
     return figure
 
 
-def plot_top_units(profile: SaliencyProfile, sample: int, k: int = 10, ax: Optional[Any] = None):
-    """A horizontal bar chart of the sample's ``k`` most salient units, most salient on top."""
-    rows = profile.top_k(k)[sample]
-    figure, ax = _figure_and_axes(ax, (7, 0.35 * len(rows) + 1.2))
-    labels = [f"{row.param} [{row.unit}]" for row in rows][::-1]
-    ax.barh(range(len(rows)), [row.value for row in rows][::-1], color="tab:red")
-    ax.set_yticks(range(len(rows)), labels, fontsize="small")
-    ax.set_xlabel(profile.value_label)
+def plot_top_units(
+    values,
+    layout: SaliencyLayout,
+    k: int = 10,
+    value_label: str = "saliency",
+    title: Optional[str] = None,
+    ax: Optional[Any] = None,
+):
+    """A horizontal bar chart of one sample's ``k`` largest units, the largest on top.
+
+    Arguments as :func:`plot_profile` (default title: ``"top k units"``). Returns the ``Figure``.
+    """
+    values = _one_sample(values, layout)
+    if not 1 <= k <= layout.num_columns:
+        raise ValueError(f"k must be between 1 and {layout.num_columns}, got {k}")
+    top_values, columns = values.topk(k)
+    labels = ["{} [{}]".format(*layout.unit_of(column)) for column in columns.tolist()][::-1]
+    figure, ax = _figure_and_axes(ax, (7, 0.35 * k + 1.2))
+    ax.barh(range(k), top_values.tolist()[::-1], color="tab:red")
+    ax.set_yticks(range(k), labels, fontsize="small")
+    ax.set_xlabel(value_label)
     ax.set_ylabel("parameter [unit]")
-    ax.set_title(f"top {len(rows)} units, sample {sample}")
+    ax.set_title(title if title is not None else f"top {k} units")
     return figure
 
 
