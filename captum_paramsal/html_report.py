@@ -35,11 +35,12 @@ def _name(classes: Optional[Sequence[str]], c: int) -> str:
 
 
 def _maps_figure(path: str, image: Tensor, maps: dict, title: str, low_percentile: float) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure registry are left alone
 
     from .visualization import paper_heatmap
 
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.8 * (1 + len(maps)), 3.2))
+    fig = Figure(figsize=(2.8 * (1 + len(maps)), 3.2))
+    axes = fig.subplots(1, 1 + len(maps))
     shown = image.detach().cpu()
     shown = (shown - shown.min()) / (shown.max() - shown.min() + 1e-12)
     axes[0].imshow(shown.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if shown.shape[0] == 1 else None,
@@ -54,7 +55,6 @@ def _maps_figure(path: str, image: Tensor, maps: dict, title: str, low_percentil
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def write_report(
@@ -72,6 +72,8 @@ def write_report(
     pruning_ks: Sequence[int] = (1, 5, 10, 25, 50),
     notes: Sequence[str] = (),
     pruning=None,
+    indices: Optional[Sequence[int]] = None,
+    noun: str = "sample",
 ) -> str:
     """Write ``out_dir/report.html`` (and its figures) for ``inputs``; return its path.
 
@@ -86,16 +88,25 @@ def write_report(
         pruning_ks: the turn-off test's k values (those above the number of units are dropped).
         pruning: a :class:`~captum_paramsal.analysis.PruningResult` of these inputs already
             computed (else it is computed here).
-    """
-    import matplotlib
+        indices: each input's index in its data set, which names it in the report (default:
+            its position in ``inputs``).
+        noun: what a sample is called in the report: ``"digit"`` titles a profile
+            ``"digit 35 (label 3, predicted 5)"``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Figures are built without pyplot and written with ``Figure.savefig``: the caller's
+    matplotlib backend (a notebook's, say) is left as it is.
+    """
     from captum.attr import IntegratedGradients, Saliency
+    from matplotlib.figure import Figure
 
     from ._core.parameter_guided_input_saliency import ParameterGuidedInputSaliency
     from .analysis import pruning_curves
 
+    if indices is None:
+        indices = list(range(len(labels)))
+    indices = [int(i) for i in indices]
+    if len(indices) != len(labels):
+        raise ValueError(f"indices must name each of the {len(labels)} inputs, got {len(indices)}")
     os.makedirs(out_dir, exist_ok=True)
     figures = os.path.join(out_dir, "figures")
     os.makedirs(figures, exist_ok=True)
@@ -120,17 +131,17 @@ def write_report(
     }
     samples: List[ExplainedSample] = []
     tops = prof.top_k(k)
-    for row, index in enumerate(chosen):
-        verdict = "misclassified" if index in wrong else "correct"
-        caption = (f"sample {index}: true {_name(classes, int(y[row]))}, predicted {_name(classes, int(p[row]))} "
-                   f"({verdict})")
+    for row, position in enumerate(chosen):
+        index = indices[position]
+        true, guess = _name(classes, int(y[row])), _name(classes, int(p[row]))
+        verdict = "misclassified" if position in wrong else "correct"
+        caption = f"{noun} {index}: true {true}, predicted {guess} ({verdict})"
         figure = f"figures/sample{index}_maps.png"
         _maps_figure(os.path.join(out_dir, figure), x[row], {n: m[row] for n, m in maps.items()}, caption,
                      low_percentile)
         profile_figure = f"figures/sample{index}_profile.png"
-        fig = prof.plot(row, k=k)
+        fig = prof.plot(row, k=k, name=f"{noun} {index} (label {true}, predicted {guess})")
         fig.savefig(os.path.join(out_dir, profile_figure), dpi=100)
-        plt.close(fig)
         samples.append(ExplainedSample(index, int(y[row]), int(p[row]),
                                        [(u.param, u.unit, u.value) for u in tops[row]], figure, profile_figure))
 
@@ -139,9 +150,9 @@ def write_report(
         if pruning is None:
             ks = [kk for kk in pruning_ks if kk <= ps.layout.num_columns] or [1]
             pruning = pruning_curves(model, ps, inputs, labels, ks=ks)
-        fig = pruning.plot()
+        fig = Figure(figsize=(13, 3.6))
+        pruning.plot(ax=fig.subplots(1, 3))  # our own Figure: pyplot's registry is never touched
         fig.savefig(os.path.join(figures, "pruning_curves.png"), dpi=100)
-        plt.close(fig)
         pruning_html = (
             f"<p>{pruning.num_misclassified} of {pruning.num_samples} samples are misclassified. For each, the k "
             "most salient units (by z), k random units and the k least salient units are turned off in turn; "
@@ -151,7 +162,7 @@ def write_report(
         )
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
-        f.write(_html(title, samples, classes, pruning_html, notes, prof.standardized))
+        f.write(_html(title, samples, classes, pruning_html, notes, prof.value_label, noun))
     return path
 
 
@@ -161,8 +172,7 @@ def _table_html(columns, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(title, samples, classes, pruning_html, notes, standardized) -> str:
-    value = "z (standardized)" if standardized else "raw saliency"
+def _html(title, samples, classes, pruning_html, notes, value, noun) -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -172,10 +182,11 @@ def _html(title, samples, classes, pruning_html, notes, standardized) -> str:
         "</head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<p>Parameter-space saliency (Levin et al., NeurIPS 2022): for each sample, the gradient of its "
-        "loss at the true label over the network's parameters, averaged per conv filter / neuron and "
-        "standardized against reference statistics. Units that stand out are the ones that malfunction "
-        "on the sample. Input maps: parameter-guided input saliency asks which pixels drive those units; "
-        "Captum's Saliency and IntegratedGradients show what drives the predicted class.</p>",
+        "loss at the true label over the network's parameters, reduced to one number per conv filter / neuron "
+        f"and, with reference statistics, standardized. Values shown: {html.escape(value)}. Units that stand "
+        "out are the ones that malfunction on the sample. Input maps: parameter-guided input saliency asks "
+        "which pixels drive those units; Captum's Saliency and IntegratedGradients show what drives the "
+        "predicted class.</p>",
     ]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append("<h2>Turning off salient units</h2>" + pruning_html)
@@ -187,11 +198,11 @@ def _html(title, samples, classes, pruning_html, notes, standardized) -> str:
             for i, (param, unit, val) in enumerate(s.top_units)
         )
         parts.append(
-            f"<section><h3>Sample {s.index}: true {html.escape(_name(classes, s.true))}, predicted "
-            f"{html.escape(_name(classes, s.predicted))}</h3>"
-            f"<img src='{s.figure}' alt='input saliency maps of sample {s.index}'>"
-            f"<img src='{s.profile_figure}' alt='saliency profile of sample {s.index}'>"
-            f"<table><thead><tr><th>#</th><th>parameter</th><th>unit</th><th>{value}</th></tr></thead>"
+            f"<section><h3>{html.escape(noun.capitalize())} {s.index}: true "
+            f"{html.escape(_name(classes, s.true))}, predicted {html.escape(_name(classes, s.predicted))}</h3>"
+            f"<img src='{s.figure}' alt='input saliency maps of {html.escape(noun)} {s.index}'>"
+            f"<img src='{s.profile_figure}' alt='saliency profile of {html.escape(noun)} {s.index}'>"
+            f"<table><thead><tr><th>#</th><th>parameter</th><th>unit</th><th>{html.escape(value)}</th></tr></thead>"
             f"<tbody>{rows}</tbody></table></section>"
         )
     parts.append("</body></html>")

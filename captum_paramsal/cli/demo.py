@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     print(pruning.to_markdown())
     path = write_report(
         model, ps, x, y, args.out, classes=CLASSES, title="Why the digits CNN gets these digits wrong",
-        max_samples=args.samples, low_percentile=50.0, pruning=pruning,
+        max_samples=args.samples, low_percentile=50.0, pruning=pruning, noun="test digit",
         notes=["Heat maps clip below the 50th percentile (the paper: 90th) because the digits are only 8x8."],
     )
     print(f"\nReport: {os.path.abspath(path)}  ({time.perf_counter() - started:.1f} s)")

@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._core.parameter_saliency import ParameterSaliency
-    from ..images import imagenet_transform
     from ..html_report import write_report
+    from ..images import imagenet_transform
     from ..stats import SaliencyStats
 
     if args.max_samples < 1 or args.top_k < 1:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     ps = ParameterSaliency(model, stats=stats)  # refuses statistics of another model
     path = write_report(
         model, ps, x, y, args.out, classes=classes, title=f"Why {args.model} decides as it does on these images",
-        max_samples=args.max_samples, k=args.top_k, low_percentile=low_percentile,
+        max_samples=args.max_samples, k=args.top_k, low_percentile=low_percentile, noun="image",
     )
     print(f"Report: {os.path.abspath(path)}")
     return 0

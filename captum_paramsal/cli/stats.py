@@ -19,10 +19,11 @@ def add_parser(commands) -> None:
     parser = commands.add_parser(
         "stats",
         help="fit standardization statistics of a torchvision model over an image folder",
-        description="Fit ParameterSaliency reference statistics (per-unit mean and std of the saliency, "
-        "SPEC §2) of a torchvision model over an image folder (root/<class>/<image>, labels from the "
-        "class folders, in sorted order as torchvision's ImageFolder gives them) and write them as "
-        "safetensors. Under torchrun, every process takes its own share of the images.",
+        description="Fit ParameterSaliency reference statistics (each unit's mean and sample standard "
+        "deviation of the saliency over the images; \"Standardization\" in the project's docs/METHOD.md) of a "
+        "torchvision model over an image folder (root/<class>/<image>, labels from the class folders, in sorted "
+        "order as torchvision's ImageFolder gives them) and write them as safetensors. Under torchrun, every "
+        "process takes its own share of the images.",
     )
     add_model_arguments(parser, "torchvision model name, e.g. resnet50")
     parser.add_argument("--data", required=True, help="image folder: root/<class>/<image>")

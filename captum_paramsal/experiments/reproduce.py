@@ -1,4 +1,5 @@
-"""Reproduce the paper's validation experiments (SPEC §4) on the embedded digits CNN.
+"""Reproduce the paper's validation experiments (docs/METHOD.md, "The paper's validation") on the
+embedded digits CNN.
 
 ``python -m captum_paramsal.experiments.reproduce [--out docs]`` writes the section
 "reproduce" of ``docs/RESULTS.md`` and its figures under ``docs/figures/``: the pruning table
@@ -22,10 +23,7 @@ from .results_markdown import write_section
 
 
 def run(out_dir: str = "docs", quick: bool = False) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot, no backend chosen: figures are only written to files
 
     from .._core.parameter_saliency import ParameterSaliency
     from ..analysis import SaliencyIndex, dataset_profiles, neighbour_correction, pruning_curves, semantic_agreement
@@ -46,9 +44,9 @@ def run(out_dir: str = "docs", quick: bool = False) -> str:
     meta = read_metadata()
 
     pruning = pruning_curves(model, ps, x, y, ks=(1, 5, 10, 25, 50), seed=0)
-    fig = pruning.plot()
+    fig = Figure(figsize=(13, 3.6))
+    pruning.plot(ax=fig.subplots(1, 3))
     fig.savefig(os.path.join(figures, "pruning_curves.png"), dpi=110)
-    plt.close(fig)
 
     corrections = {
         lr: neighbour_correction(model, ps, x, y, k=25, m=5, lr=lr, max_steps=500, seed=0,
@@ -64,11 +62,11 @@ def run(out_dir: str = "docs", quick: bool = False) -> str:
     profiles = dataset_profiles(ps, [(x, y)], progress=False)
     fig = profiles.plot()
     fig.savefig(os.path.join(figures, "dataset_profiles.png"), dpi=110)
-    plt.close(fig)
     sample = int(wrong.nonzero()[0])
-    fig = ps.profile(x[sample : sample + 1], target=y[sample : sample + 1]).plot(0)
+    fig = ps.profile(x[sample : sample + 1], target=y[sample : sample + 1]).plot(
+        0, name=f"test digit {sample} (label {int(y[sample])}, predicted {int(predicted[sample])})"
+    )
     fig.savefig(os.path.join(figures, "misclassified_profile.png"), dpi=110)
-    plt.close(fig)
 
     def row(k: int, mode: str) -> float:
         return pruning.row(k, mode)["fraction_corrected"]
