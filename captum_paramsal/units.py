@@ -1,0 +1,298 @@
+"""One vocabulary for naming units, shared by every part of the library that takes them.
+
+A *unit* is what the saliency computes one number for: a convolution's output filter, a
+Linear layer's output row, a transposed convolution's output channel, index 0 of any other
+parameter (SPEC §1). Wherever the library takes units (the interventions
+:func:`~captum_paramsal.interventions.turn_off` / ``boost`` / ``perturb``, the fine-tuning test
+:func:`~captum_paramsal.analysis.finetune_salient`, the pruning curves, the input saliency's
+``units=``), a unit may be written in any of these forms:
+
+* a **layout column**: an ``int`` (a NumPy integer or a 0-d integer tensor too, but not a
+  ``bool``), the column of a ``(B, F)`` profile, e.g. ``int(sal[0].argmax())``. A column only
+  means something together with the :class:`~captum_paramsal.layout.SaliencyLayout` it indexes;
+* a **(parameter name, unit index)** pair, a tuple or a list, e.g. ``("layer4.1.conv2.weight", 97)``;
+  the name as in ``model.named_parameters()``;
+* a :class:`~captum_paramsal.saliency_profile.UnitScore`, what ``profile.top_k()`` returns; it is
+  read as its ``(param, unit)`` pair (its ``column`` is the column in the profile it came from,
+  which need not be the layout it is resolved against, so it is not used).
+
+A collection of units is any iterable of these (a list, a tuple of pairs, a 1-D integer tensor of
+columns, one row of ``profile.top_k()``); a single unit on its own is read as a collection of
+one. :func:`resolve_columns` turns units into layout columns, :func:`resolve_units` into
+``{parameter name: [unit indices]}`` for a model.
+
+Examples::
+
+    >>> from captum_paramsal.units import resolve_columns, resolve_units
+    >>> layout = ps.layout
+    >>> resolve_columns([4711, ("fc.weight", 3)], layout)
+    [4711, 5003]
+    >>> resolve_units(model, ps.profile(images).top_k(3)[0])        # sample 0's top 3
+    {'layer4.1.conv2.weight': [97], 'fc.weight': [3, 7]}
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .layout import SaliencyLayout
+from .saliency_profile import UnitScore
+
+#: One unit: a layout column, a ``(parameter name, unit index)`` pair or a ``UnitScore``.
+Unit = Union[int, Tensor, Tuple[str, int], UnitScore]
+#: A collection of units (or a single unit, read as a collection of one).
+Units = Union[Unit, Iterable[Unit]]
+
+_FORMS = "a layout column (int), a (parameter name, unit index) pair or a UnitScore"
+
+
+def resolve_columns(units: Units, layout: SaliencyLayout) -> List[int]:
+    r"""The layout columns of ``units``, in the caller's order, duplicates dropped.
+
+    Every form of unit (see :mod:`captum_paramsal.units`) is turned into its column of
+    ``layout``: a column is range-checked (``0 <= column < layout.num_columns``; negative
+    columns are not counted from the end), a ``(name, index)`` pair or a ``UnitScore`` is
+    looked up with :meth:`SaliencyLayout.column`, so its parameter must be in the layout.
+
+    Order: the columns come in the order the units are given (so ``top_k`` rows keep their
+    ranking); a unit named twice, in the same or in two forms, is kept at its first place only.
+    An empty collection gives an empty list; whether that is allowed is the caller's decision.
+
+    Args:
+        units: a collection of units, or a single unit.
+        layout: the :class:`~captum_paramsal.layout.SaliencyLayout` the columns index (e.g.
+            ``ps.layout``).
+
+    Returns:
+        ``list`` of ``int`` columns.
+
+    Raises:
+        TypeError: a unit in none of the forms (a bare parameter name, a float, a bool, ...),
+            or ``layout`` that is not a ``SaliencyLayout``.
+        ValueError: a column out of range, a parameter not in the layout, or a unit index out
+            of range for its parameter; the message names the unit.
+
+    Examples::
+
+        >>> from captum_paramsal.units import resolve_columns
+        >>> layout = ps.layout
+        >>> resolve_columns([("layer1.0.conv1.weight", 5), 17, 17], layout)
+        [5, 17]
+        >>> resolve_columns(profile.top_k(10)[0], layout)      # sample 0's top 10, ranked
+        >>> resolve_columns(sal[0].topk(5).indices, layout)     # a tensor of columns
+    """
+    if not isinstance(layout, SaliencyLayout):
+        raise TypeError(f"layout must be a SaliencyLayout (e.g. ps.layout), got {type(layout).__name__}")
+    columns: List[int] = []
+    seen = set()
+    for unit in iter_units(units):
+        column = _column_of(unit, layout)
+        if column not in seen:
+            seen.add(column)
+            columns.append(column)
+    return columns
+
+
+def resolve_units(
+    model: nn.Module, units: Units, layout: Optional[SaliencyLayout] = None
+) -> Dict[str, List[int]]:
+    r"""``{parameter name: [unit indices]}`` of ``units`` in ``model``.
+
+    Columns are read in ``layout``; without one, in the layout of the model's default selection
+    (what ``ParameterSaliency(model).layout`` is: every Conv, ConvTranspose and Linear weight),
+    built only when a column is given. Pairs and ``UnitScore`` name parameters of ``model``
+    directly, with or without a layout: the name must be one of ``model.named_parameters()``
+    (an alias of a tied parameter is read as the parameter's own name), with a "did you mean"
+    hint otherwise, and the index must be below the parameter's number of units (as the
+    saliency counts them).
+
+    Order: parameters in ``model.named_parameters()`` order, each one's indices sorted, a unit
+    named twice kept once. An empty collection gives ``{}``.
+
+    Args:
+        model: the network whose parameters the units belong to.
+        units: a collection of units, or a single unit.
+        layout: the :class:`~captum_paramsal.layout.SaliencyLayout` that columns index (e.g.
+            ``ps.layout`` of a ``ParameterSaliency`` with ``params=``); default: the default
+            selection's.
+
+    Returns:
+        ``dict`` of parameter name to a sorted ``list`` of unit indices.
+
+    Raises:
+        TypeError: a unit in none of the forms, or ``layout`` that is not a ``SaliencyLayout``.
+        ValueError: a column out of range of the layout, a parameter the model does not have,
+            or a unit index out of range for its parameter; the message names the unit.
+
+    Examples::
+
+        >>> from captum_paramsal.units import resolve_units
+        >>> resolve_units(model, [("fc.weight", 3), ("layer4.1.conv2.weight", 97)])
+        {'layer4.1.conv2.weight': [97], 'fc.weight': [3]}
+        >>> resolve_units(model, [4711], layout=ps.layout)     # a column of ps's profiles
+        {'layer4.1.conv2.weight': [97]}
+        >>> resolve_units(model, ps.profile(images).top_k(5)[0])
+    """
+    from .per_sample.selection import select_parameters
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if layout is not None and not isinstance(layout, SaliencyLayout):
+        raise TypeError(f"layout must be a SaliencyLayout or None, got {type(layout).__name__}")
+    aliases = dict(model.named_parameters(remove_duplicate=False))
+    canonical = {id(param): name for name, param in model.named_parameters()}
+    wanted: Dict[str, List[Tuple[int, Any]]] = {}  # canonical name -> [(index, the unit as given)]
+    for unit in iter_units(units):
+        if _is_column(unit):
+            if layout is None:
+                layout = select_parameters(model).layout
+            name, index = layout.unit_of(_column_of(unit, layout))
+            if name not in aliases:
+                raise ValueError(
+                    f"unit column {_as_int(unit)} is {(name, index)!r} in the layout, but the model has no "
+                    f"parameter named {name!r}: is the layout this model's?"
+                )
+        else:
+            name, index = _pair_of(unit)
+            if name not in aliases:
+                raise ValueError(f"unit {_show(unit)}: the model has no parameter named {name!r}{_hint(name, aliases)}")
+        wanted.setdefault(canonical[id(aliases[name])], []).append((index, unit))
+    if not wanted:
+        return {}
+    resolved: Dict[str, List[int]] = {}
+    for p in select_parameters(model, list(wanted)).params:
+        for index, unit in wanted[p.name]:
+            if not 0 <= index < p.num_units:
+                raise ValueError(
+                    f"unit {index} of {p.name} is out of range: it has {p.num_units} units "
+                    f"(indices 0..{p.num_units - 1}; given as {_show(unit)})"
+                )
+        resolved[p.name] = sorted({index for index, _ in wanted[p.name]})
+    return resolved
+
+
+def iter_units(units: Units) -> Iterable[Unit]:
+    """The units of a collection one by one; a single unit is a collection of one.
+
+    Raises:
+        TypeError: ``units`` is neither a unit nor an iterable of units (e.g. a bare string).
+
+    Examples::
+
+        >>> list(iter_units(("fc.weight", 3)))       # a single pair
+        [('fc.weight', 3)]
+        >>> list(iter_units(torch.tensor([4, 9])))   # a tensor of columns
+        [tensor(4), tensor(9)]
+    """
+    if isinstance(units, str):
+        raise TypeError(
+            f"units is the string {units!r}: a parameter name alone names no unit; "
+            f"give (name, unit index) pairs, e.g. [({units!r}, 0)]"
+        )
+    if _is_column(units) or _is_pair(units) or isinstance(units, UnitScore):
+        return [units]
+    if isinstance(units, Tensor):
+        if units.dim() == 0:  # not a column (a float or bool scalar): the unit's own error names it
+            return [units]
+        if units.dim() > 1:
+            raise TypeError(f"units as a tensor must be a 1-D tensor of layout columns, got shape {tuple(units.shape)}")
+    try:
+        return list(units)
+    except TypeError:
+        raise TypeError(f"units must be one unit or a collection of units; {_not_a_unit(units)}") from None
+
+
+# -- one unit ----------------------------------------------------------------------------------
+
+
+def _is_column(unit: Any) -> bool:
+    """An int, a NumPy integer or a 0-d integer tensor; never a bool."""
+    if isinstance(unit, bool):
+        return False
+    if isinstance(unit, Tensor):
+        return unit.dim() == 0 and not (unit.is_floating_point() or unit.is_complex() or unit.dtype == torch.bool)
+    if isinstance(unit, (str, bytes, tuple, list)):
+        return False
+    try:
+        operator.index(unit)  # int, numpy integers (numpy bools have no __index__)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_pair(unit: Any) -> bool:
+    return (
+        isinstance(unit, (tuple, list))
+        and not isinstance(unit, UnitScore)
+        and len(unit) == 2
+        and isinstance(unit[0], str)
+    )
+
+
+def _as_int(unit: Any) -> int:
+    return operator.index(unit)
+
+
+def _pair_of(unit: Any) -> Tuple[str, int]:
+    """``(name, index)`` of a pair or a UnitScore; a TypeError for anything else."""
+    if isinstance(unit, UnitScore):
+        name, index = unit.param, unit.unit
+    elif _is_pair(unit):
+        name, index = unit
+    else:
+        raise TypeError(_not_a_unit(unit))
+    if not _is_column(index):
+        raise TypeError(f"unit {_show(unit)}: the unit index must be an int, got {type(index).__name__}")
+    return name, _as_int(index)
+
+
+def _column_of(unit: Any, layout: SaliencyLayout) -> int:
+    if _is_column(unit):
+        column = _as_int(unit)
+        if not 0 <= column < layout.num_columns:
+            raise ValueError(
+                f"unit column {column} is out of range for a layout of {layout.num_columns} columns "
+                f"(0..{layout.num_columns - 1})"
+            )
+        return column
+    name, index = _pair_of(unit)
+    if name not in layout:
+        raise ValueError(f"unit {_show(unit)}: no parameter {name!r} in the layout{_hint(name, layout.names)}")
+    entry = layout[name]
+    if not 0 <= index < entry.num_units:
+        raise ValueError(
+            f"unit {_show(unit)} is out of range: {name} has {entry.num_units} units (indices 0..{entry.num_units - 1})"
+        )
+    return entry.slice.start + index
+
+
+def _not_a_unit(unit: Any) -> str:
+    if isinstance(unit, str):
+        return (
+            f"a unit is {_FORMS}; got the string {unit!r} (a parameter name alone names no unit: "
+            f"give ({unit!r}, unit index))"
+        )
+    if isinstance(unit, Tensor):
+        return (
+            f"a unit is {_FORMS}; got a tensor of dtype {unit.dtype} and shape {tuple(unit.shape)} "
+            "(a column as a tensor must be a 0-d integer tensor)"
+        )
+    return f"a unit is {_FORMS}, got {unit!r}"
+
+
+def _show(unit: Any) -> str:
+    if isinstance(unit, UnitScore):
+        return f"UnitScore({unit.param!r}, unit={unit.unit})"
+    if isinstance(unit, list):
+        return repr(tuple(unit))
+    return repr(unit)
+
+
+def _hint(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3)
+    return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
