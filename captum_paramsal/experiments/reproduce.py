@@ -1,5 +1,5 @@
-"""Reproduce the paper's validation experiments (docs/METHOD.md, "The paper's validation") on the
-embedded digits CNN.
+"""Reproduce the paper's validation experiments (docs/METHOD.md, "The paper's validation experiments")
+on the embedded digits CNN.
 
 ``python -m captum_paramsal.experiments.reproduce [--out docs]`` writes the section
 "reproduce" of ``docs/RESULTS.md`` and its figures under ``docs/figures/``: the pruning table
