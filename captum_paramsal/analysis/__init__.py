@@ -1,9 +1,9 @@
 """The paper's analysis toolkit: pruning and fine-tuning tests, saliency-space neighbours,
 data-set profiles."""
 
+from .dataset_profiles import DatasetProfiles, dataset_profiles
 from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, neighbour_correction
 from .index import SaliencyIndex, SemanticAgreement, semantic_agreement
-from .dataset_profiles import DatasetProfiles, dataset_profiles
 from .turn_off_curves import PruningResult, pruning_curves
 
 __all__ = [

@@ -5,13 +5,17 @@ profiles stand out in particular layers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .._utils import evaluation_mode, format_inputs, split_labelled_batch
+from .._utils import evaluation_mode
+from ..data import labelled_batches
 from ..layout import SaliencyLayout
+
+if TYPE_CHECKING:
+    from .._core.parameter_saliency import ParameterSaliency
 
 
 @dataclass(frozen=True, eq=False)
@@ -210,7 +214,10 @@ def dataset_profiles(
     columns = ps.layout.num_columns
     sums = {True: torch.zeros(columns, dtype=torch.float64), False: torch.zeros(columns, dtype=torch.float64)}
     counts = {True: 0, False: 0}
-    for inputs, labels in labelled_batches(ps, data, progress, max_samples, "dataset profiles"):
+    batches = labelled_batches(
+        data, device=device_of(ps), max_samples=max_samples, progress=progress, desc="dataset profiles"
+    )
+    for inputs, labels in batches:
         predictions = predict(ps.model, inputs, require=True)
         correct = (predictions == labels).cpu()
         (raw,) = ps.attribute(inputs, target=labels, internal_batch_size=internal_batch_size, standardize=False)
@@ -236,42 +243,7 @@ def dataset_profiles(
     )
 
 
-# -- shared with the saliency index: streaming (inputs, labels) batches ------------------------
-
-
-def labelled_batches(
-    ps, data: Iterable, progress: bool, max_samples: Optional[int], desc: str
-) -> Iterator[Tuple[Tuple[Tensor, ...], Tensor]]:
-    """``(inputs as a tuple on the model's device, labels (B,) int64 on that device)`` per batch,
-    cut at ``max_samples``, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    if max_samples is not None and (
-        not isinstance(max_samples, int) or isinstance(max_samples, bool) or max_samples < 1
-    ):
-        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
-    device = _device_of(ps)
-    total = max_samples
-    if total is None and hasattr(getattr(data, "dataset", None), "__len__"):
-        total = len(data.dataset)
-    bar = tqdm(total=total, disable=not progress, unit="sample", desc=desc)
-    seen = 0
-    try:
-        for index, batch in enumerate(data):
-            inputs, labels = split_labelled_batch(batch, index)
-            inputs_tuple, _ = format_inputs(inputs)
-            inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
-            labels = _check_labels(labels, inputs_tuple[0].shape[0], index).to(device)
-            if max_samples is not None and seen + labels.shape[0] > max_samples:
-                keep = max_samples - seen
-                inputs_tuple, labels = tuple(x[:keep] for x in inputs_tuple), labels[:keep]
-            yield inputs_tuple, labels
-            seen += labels.shape[0]
-            bar.update(labels.shape[0])
-            if max_samples is not None and seen >= max_samples:
-                break
-    finally:
-        bar.close()
+# -- shared with the saliency index ------------------------------------------------------------
 
 
 def predict(model: nn.Module, inputs: Tuple[Tensor, ...], require: bool) -> Optional[Tensor]:
@@ -290,21 +262,8 @@ def predict(model: nn.Module, inputs: Tuple[Tensor, ...], require: bool) -> Opti
     return output.argmax(-1)
 
 
-def _device_of(ps) -> torch.device:
-    # the saliency's own device check compares inputs with the selected parameters' device
+def device_of(ps: ParameterSaliency) -> torch.device:
+    """Where ``ps``'s inputs must be: the device of its selected parameters (the saliency's own
+    device check compares inputs with it)."""
     params = dict(ps.model.named_parameters(remove_duplicate=False))
     return params[ps.layout[0].name].device
-
-
-def _check_labels(labels: Any, batch: int, index: int) -> Tensor:
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"labels of batch {index} are not a tensor of class indices: {error}") from None
-    if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(
-            f"labels of batch {index} must be one class per sample, shape ({batch},), got {tuple(labels.shape)}"
-        )
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels of batch {index} must be integer class indices, got dtype {labels.dtype}")
-    return labels.long()

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data import labelled_batches
 from ..layout import SaliencyLayout
-from .dataset_profiles import labelled_batches, predict
+from .dataset_profiles import device_of, predict
 
 BACKENDS = ("torch", "faiss")
 #: The torch backend's similarity block (queries x set) holds at most this many entries
@@ -161,7 +162,10 @@ class SaliencyIndex:
         if backend not in BACKENDS:  # fail before the expensive pass, not after it
             raise ValueError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
         rows, labels, predictions = [], [], []
-        for inputs, targets in labelled_batches(ps, data, progress, max_samples, "saliency index"):
+        batches = labelled_batches(
+            data, device=device_of(ps), max_samples=max_samples, progress=progress, desc="saliency index"
+        )
+        for inputs, targets in batches:
             (raw,) = ps.attribute(inputs, target=targets, internal_batch_size=internal_batch_size, standardize=False)
             raw = raw.detach()
             rows.append((stats.standardize(raw) if standardize else raw).cpu())
