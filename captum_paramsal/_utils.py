@@ -13,6 +13,18 @@ TensorOrTupleOfTensors = Union[Tensor, Tuple[Tensor, ...]]
 TargetType = Union[None, int, Sequence[int], Tensor]
 
 
+def outside_stacklevel() -> int:
+    """The ``stacklevel`` of a warning that points at the first frame outside this package
+    (the user's call), however deep inside it the warning is raised."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    package = __name__.rsplit(".", 1)[0]
+    while frame is not None and frame.f_globals.get("__name__", "").startswith((package, "captum.log")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def cross_entropy_per_sample(outputs: Tensor, target: Tensor) -> Tensor:
     """The default ``loss_fn``: cross-entropy of each sample, shape ``(B,)``."""
     return F.cross_entropy(outputs, target, reduction="none")

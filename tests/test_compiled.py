@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import captum_paramsal.per_sample.fused as fused
+import captum_paramsal.per_sample.compiled as compiled_module
 from captum_paramsal import ParameterGuidedInputSaliency, ParameterSaliency
 
 from naive import naive_unit_saliency, rel_err
@@ -45,19 +45,14 @@ class SequenceNet(nn.Module):
 def kernel_calls(monkeypatch):
     """Which compiled kernels answered, and whether (so a test fails if one never ran)."""
     calls = []
+    real = compiled_module.CompiledKernels.run
 
-    def counting(name):
-        real = getattr(fused, name)
+    def counting(self, function, *tensors):
+        out = real(self, function, *tensors)
+        calls.append((function.__name__, out is not None))
+        return out
 
-        def kernel(*tensors):
-            out = real(*tensors)
-            calls.append((name, out is not None))
-            return out
-
-        return kernel
-
-    for name in ("fused_low_rank_abs_mean", "fused_low_rank_abs_mean_pull_back"):
-        monkeypatch.setattr(f"captum_paramsal.per_sample.grads.{name}", counting(name))
+    monkeypatch.setattr(compiled_module.CompiledKernels, "run", counting)
     return calls
 
 
@@ -89,8 +84,8 @@ def test_compiled_kernels_in_parameter_guided_input_saliency(kernel_calls):
     compiled = ParameterGuidedInputSaliency(model, k=3, compile_kernels=True).attribute(x, target=y)
     assert rel_err(compiled, eager) < 1e-10
     assert {name for name, ok in kernel_calls if ok} == {
-        "fused_low_rank_abs_mean",  # the saliency that chooses the boosted units
-        "fused_low_rank_abs_mean_pull_back",  # its gradient
+        "low_rank_abs_mean",  # the saliency that chooses the boosted units
+        "low_rank_abs_mean_pull_back",  # its gradient
     }
     assert all(ok for _, ok in kernel_calls)
 
@@ -102,15 +97,15 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
 
         return broken
 
-    monkeypatch.setattr(fused, "_compiled", {})
-    monkeypatch.setattr(fused.torch, "compile", compile_without_a_compiler)
+    monkeypatch.setattr(compiled_module, "_wrappers", {})
+    monkeypatch.setattr(compiled_module.torch, "compile", compile_without_a_compiler)
     torch.manual_seed(0)
     model = SmallConvNet().double()
     x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
     ps = ParameterSaliency(model, compile_kernels=True)
     with pytest.warns(RuntimeWarning, match="torch.compile failed on cpu.*no C\\+\\+ compiler"):
         got = ps.attribute(x, target=y)
-    assert fused._compiled == {("low_rank_abs_mean", "cpu"): None}  # given up: no second warning
+    assert list(ps._kernels.failed) == [("low_rank_abs_mean", "cpu")]  # given up: no second warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         again = ps.attribute(x, target=y)
@@ -142,3 +137,37 @@ def test_compiled_kernels_under_no_grad_and_in_noise_tunnel(kernel_calls):
     torch.manual_seed(1)
     assert rel_err(smoothed, NoiseTunnel(eager).attribute(x, **kwargs)) < 1e-10
     assert kernel_calls and all(ok for _, ok in kernel_calls)
+
+
+def test_a_failed_compilation_stays_with_its_method(monkeypatch):
+    """Where one method's compile failed, another method still compiles: the failure is
+    that method's state, not a switch of the process."""
+    real_compile = torch.compile
+    broken_once = []
+
+    def compile_failing_first(function, **options):
+        if not broken_once:
+            broken_once.append(function.__name__)
+
+            def broken(*tensors):
+                raise RuntimeError("no C++ compiler here")
+
+            return broken
+        return real_compile(function, **options)
+
+    monkeypatch.setattr(compiled_module, "_wrappers", {})
+    monkeypatch.setattr(compiled_module.torch, "compile", compile_failing_first)
+    torch.manual_seed(0)
+    model = SmallConvNet().double()
+    x, y = torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (4,))
+    first = ParameterSaliency(model, compile_kernels=True)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        first.attribute(x, target=y)
+    monkeypatch.setattr(compiled_module, "_wrappers", {})  # a fresh wrapper, which now compiles
+    second = ParameterSaliency(model, compile_kernels=True)
+    before = compiled_module.run_counts().get("low_rank_abs_mean", 0)
+    got = second.attribute(x, target=y)
+    assert compiled_module.run_counts()["low_rank_abs_mean"] > before
+    assert second._kernels.runs["low_rank_abs_mean"] > 0 and not second._kernels.failed
+    assert first._kernels.failed and first._kernels.runs["low_rank_abs_mean"] == 0
+    assert rel_err(got, naive_unit_saliency(model, (x,), y, list(second.layout.names))) < 1e-10

@@ -5,27 +5,14 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
-from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils import (
-    TargetType,
-    TensorOrTupleOfTensors,
-    check_device,
-    check_internal_batch_size,
-    evaluation_mode,
-    format_additional_args,
-    format_inputs,
-    label_resolver,
-    model_device,
-    normalize_target,
-)
-from ..layout import SaliencyLayout
-from ..per_sample.batching import slice_batch
+from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..per_sample.second_order import weighted_saliency_input_grads
 from ..stats import SaliencyStats
 from .parameter_saliency import ParameterSaliency
+from .parameter_space_attribution import ParameterSpaceAttribution
 
 UnitsType = Union[None, Sequence[int], Sequence[Tuple[str, int]], Sequence[Sequence[Any]], Tensor]
 
@@ -51,7 +38,7 @@ def boosting_weights(profile: Tensor, chosen: Tensor, boost_factor: float) -> Te
     return torch.where(defined, weights, torch.zeros_like(weights)).to(profile.dtype)
 
 
-class ParameterGuidedInputSaliency(GradientAttribution):
+class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
     r"""Which input features make a sample's most salient filters malfunction.
 
     For each sample ``i`` with (standardized, when ``stats`` are given) saliency
@@ -76,6 +63,10 @@ class ParameterGuidedInputSaliency(GradientAttribution):
             :class:`ParameterSaliency` (``compile_kernels`` speeds up both the
             saliency that picks the units and, for ``mean_abs``, the pull-back of
             its gradient through the same low-rank layers).
+        parameter_saliency: a :class:`ParameterSaliency` of the same model whose
+            selection, loss, reduction, kernels and (live) statistics this method
+            uses; ``stats`` and the arguments above are then left out. Same as
+            :meth:`from_parameter_saliency`.
 
     Examples::
 
@@ -104,15 +95,27 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
         compile_kernels: bool = False,
+        parameter_saliency: Optional[ParameterSaliency] = None,
     ) -> None:
-        GradientAttribution.__init__(self, model)
-        self.model = model
-        self.parameter_saliency = ParameterSaliency(
-            model, params=params, loss_fn=loss_fn, reduction=reduction,
-            fallback_chunk_size=fallback_chunk_size, stats=stats, compile_kernels=compile_kernels,
-        )
+        if parameter_saliency is None:
+            # the saliency that picks the units, with its statistics checked against its layout
+            parameter_saliency = ParameterSaliency(
+                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels
+            )
+            super().__init__(model, share=parameter_saliency)
+        else:
+            if not isinstance(parameter_saliency, ParameterSaliency):
+                raise TypeError(
+                    f"parameter_saliency must be a ParameterSaliency, got {type(parameter_saliency).__name__}"
+                )
+            if stats is not None:
+                raise ValueError("with parameter_saliency=, the statistics are its own: leave stats out")
+            super().__init__(
+                model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, share=parameter_saliency
+            )
+        self.parameter_saliency = parameter_saliency
         self.k = self._check_k(k)
-        if not isinstance(boost_factor, (int, float)) or not boost_factor > 0:
+        if isinstance(boost_factor, bool) or not isinstance(boost_factor, (int, float)) or not boost_factor > 0:
             raise ValueError(f"boost_factor must be a positive number, got {boost_factor!r}")
         self.boost_factor = float(boost_factor)
 
@@ -121,27 +124,15 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         cls, ps: ParameterSaliency, k: int = 10, boost_factor: float = 100.0
     ) -> ParameterGuidedInputSaliency:
         """Share ``ps``'s model, parameter selection, loss, reduction and statistics."""
-        method = cls.__new__(cls)
-        GradientAttribution.__init__(method, ps.model)
-        method.model = ps.model
-        method.parameter_saliency = ps
-        method.k = method._check_k(k)
-        if not isinstance(boost_factor, (int, float)) or not boost_factor > 0:
-            raise ValueError(f"boost_factor must be a positive number, got {boost_factor!r}")
-        method.boost_factor = float(boost_factor)
-        return method
-
-    @property
-    def layout(self) -> SaliencyLayout:
-        return self.parameter_saliency.layout
+        return cls(ps.model, k=k, boost_factor=boost_factor, parameter_saliency=ps)
 
     @property
     def stats(self) -> Optional[SaliencyStats]:
         return self.parameter_saliency.stats
 
     def _check_k(self, k: int) -> int:
-        units = self.parameter_saliency.layout.num_columns
-        if not isinstance(k, int) or not 1 <= k <= units:
+        units = self.layout.num_columns
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= units:
             raise ValueError(f"k must be an int between 1 and the number of units ({units}), got {k!r}")
         return k
 
@@ -208,10 +199,8 @@ class ParameterGuidedInputSaliency(GradientAttribution):
         Returns:
             Attributions with the shape of ``inputs`` (a tuple for a tuple).
         """
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("ParameterGuidedInputSaliency needs autograd; call it outside torch.inference_mode()")
-        inputs_tuple, is_tuple = format_inputs(inputs)
-        for i, x in enumerate(inputs_tuple):
+        prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
+        for i, x in enumerate(prepared.inputs):
             if not x.is_floating_point():
                 raise TypeError(
                     f"inputs[{i}] has dtype {x.dtype}; an input gradient needs floating-point inputs "
@@ -219,25 +208,17 @@ class ParameterGuidedInputSaliency(GradientAttribution):
                 )
         if units is not None and random_units:
             raise ValueError("give either units= or random_units=True, not both")
-        ps = self.parameter_saliency
-        extra = format_additional_args(additional_forward_args)
-        check_internal_batch_size(internal_batch_size)
-        device = model_device([p.param for p in ps._selection.params])
-        check_device(inputs_tuple, extra, device)
-        batch = inputs_tuple[0].shape[0]
-        labels = normalize_target(target, batch, device)
-        if units is not None:
-            _units_per_sample(units, batch)  # validate the shape before any work
+        batch = prepared.batch
+        per_sample_units = None if units is None else _units_per_sample(units, batch)  # checked before any work
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         step = internal_batch_size or batch
-        stats = ps.stats
+        stats = self.stats
 
         parts = []
         with evaluation_mode(self.model):
-            routing = ps._routing_cache.routing(self.model, ps._selection, inputs_tuple, extra)
-            for start in range(0, batch, step):
-                stop = min(start + step, batch)
-                chunk_units = None if units is None else _units_per_sample(units, batch)[start:stop]
+            for index, run in enumerate(self._passes(prepared, internal_batch_size)):
+                start = index * step
+                chunk_units = None if per_sample_units is None else per_sample_units[start : start + run.batch]
 
                 def weights_of(saliency: Tensor, chunk_units=chunk_units) -> Tensor:
                     profile = stats.standardize(saliency) if stats is not None else saliency
@@ -247,19 +228,11 @@ class ParameterGuidedInputSaliency(GradientAttribution):
                         weights = stats.standardize(weights + stats.mean.to(weights))
                     return weights
 
-                _, _, grads = weighted_saliency_input_grads(
-                    self.model, ps._selection, routing,
-                    slice_batch(inputs_tuple, batch, start, stop), slice_batch(extra, batch, start, stop),
-                    label_resolver(None if labels is None else labels[start:stop], ps._default_loss),
-                    ps.loss_fn, ps.reduction, ps.fallback_chunk_size, weights_of, fused=ps.compile_kernels,
-                )
-                parts.append(grads)
+                parts.append(weighted_saliency_input_grads(run, weights_of)[2])
+        inputs_tuple = prepared.inputs
         result = tuple(torch.cat([p[i] for p in parts]) for i in range(len(inputs_tuple)))
         result = tuple(r.to(x.dtype) for r, x in zip(result, inputs_tuple))
-        return result if is_tuple else result[0]
-
-    def has_convergence_delta(self) -> bool:
-        return False
+        return result if prepared.is_tuple else result[0]
 
 
 def _units_per_sample(units: UnitsType, batch: int) -> list:

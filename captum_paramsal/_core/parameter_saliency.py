@@ -5,48 +5,33 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils import (
-    TargetType,
-    TensorOrTupleOfTensors,
-    check_device,
-    check_internal_batch_size,
-    cross_entropy_per_sample,
-    evaluation_mode,
-    format_additional_args,
-    format_inputs,
-    label_resolver,
-    model_device,
-    normalize_target,
-    split_labelled_batch,
-)
-from ..layout import SaliencyLayout
-from ..per_sample import RoutingCache, per_sample_unit_saliency, select_parameters
-from ..per_sample.batching import slice_batch
-from ..per_sample.reduce import check_reduction
+from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode, format_inputs, split_labelled_batch
+from ..per_sample import unit_saliency
 from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint
+from .parameter_space_attribution import ParameterSpaceAttribution
 
 
-class ParameterSaliency(GradientAttribution):
+class ParameterSaliency(ParameterSpaceAttribution):
     r"""Which of a network's own parameters are responsible for its loss on a sample.
 
     For each sample ``i`` with label ``y_i`` this computes the per-sample loss
     ``L_i = loss_fn(model(x_i), y_i)``, its gradient ``g_i`` over the selected
     parameters, and, per *unit* (one conv filter / one output neuron, i.e. one
     output slice of a weight), the mean over the unit's entries of ``|g_i|``
-    (``reduction="mean_abs"``) or of ``g_i`` (``"mean"``). The result is one
-    row per sample and one column per unit: a *saliency profile*.
+    (``reduction="mean_abs"``), of ``g_i`` (``"mean"``) or the root mean square of
+    ``g_i`` (``"rms"``). The result is one row per sample and one column per unit: a
+    *saliency profile*.
 
-    The batch costs one forward and one backward pass. Conv, ConvTranspose and
-    Linear layers have exact per-layer rules that turn each layer's input and
-    output gradient into per-sample unit saliency and free it at once; every
-    other selected parameter (norm layers, embeddings, attention's
-    ``in_proj_weight``, a custom layer) goes through a generic ``torch.func``
-    per-sample method in chunks of ``fallback_chunk_size`` samples.
+    The batch costs one forward and one backward pass. Conv, ConvTranspose, Linear
+    and LayerNorm / RMSNorm layers have exact per-layer rules that turn each layer's
+    inputs and output gradient into per-sample unit saliency and free it at once;
+    every other selected parameter (embeddings, attention's ``in_proj_weight``, a
+    custom layer) goes through a generic ``torch.func`` per-sample method in chunks of
+    ``fallback_chunk_size`` samples. :meth:`routing` says which is which, and why.
 
     The model runs in eval mode, so samples in a batch do not interact. It is
     left exactly as found: parameter values, ``requires_grad``, ``.grad``,
@@ -56,12 +41,15 @@ class ParameterSaliency(GradientAttribution):
         model: the network. Its output for a batch is ``(B, classes)`` for the
             default loss.
         params: names from ``model.named_parameters()`` to explain. Default: the
-            ``weight`` of every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear.
+            registry's default selection, the ``weight`` of every Conv1d/2d/3d,
+            ConvTranspose1d/2d/3d and Linear (their subclasses included).
         loss_fn: ``loss_fn(outputs, target) -> (B,)``, one loss per sample,
             with no interaction between samples; ``outputs`` is the model's
             output for the batch and ``target`` holds one entry per sample.
             Default: cross-entropy (``reduction="none"``).
-        reduction: ``"mean_abs"`` (default) or ``"mean"``.
+        reduction: ``"mean_abs"`` (default), ``"mean"`` or ``"rms"``. ``rms`` has a closed
+            form for layers with few positions (a Linear over a short sequence, a late
+            convolution) that never builds the per-sample gradient.
         fallback_chunk_size: samples per chunk in the generic fallback; bounds
             its memory at that many per-sample gradients of the fallback
             parameters.
@@ -100,6 +88,7 @@ class ParameterSaliency(GradientAttribution):
         >>> ps.stats = ps.fit_stats(val_loader)             # iterable of (inputs, labels)
         >>> z = ps.attribute(images, target=labels)          # z-scores per unit
         >>> ps.profile(images, target=labels).plot(0)        # the paper's figure
+        >>> print(ps.routing(images))                        # which layers take the fast path
     """
 
     def __init__(
@@ -112,27 +101,9 @@ class ParameterSaliency(GradientAttribution):
         stats: Optional[SaliencyStats] = None,
         compile_kernels: bool = False,
     ) -> None:
-        GradientAttribution.__init__(self, model)
-        self.model = model
-        self.reduction = check_reduction(reduction)
-        self._selection = select_parameters(model, params)
-        # the one-sample probe of the model, once per input signature (re-validated every pass)
-        self._routing_cache = RoutingCache()
-        self._default_loss = loss_fn is None
-        self.loss_fn = cross_entropy_per_sample if loss_fn is None else loss_fn
-        if not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
-            raise ValueError(f"fallback_chunk_size must be a positive int, got {fallback_chunk_size!r}")
-        self.fallback_chunk_size = fallback_chunk_size
-        if not isinstance(compile_kernels, bool):
-            raise TypeError(f"compile_kernels must be a bool, got {compile_kernels!r}")
-        self.compile_kernels = compile_kernels
-        self.loss_name = "cross_entropy" if loss_fn is None else _callable_name(loss_fn)
+        super().__init__(model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels)
         self.fingerprint = layout_fingerprint(self.layout, self.reduction, self.loss_name)
         self.stats = stats
-
-    @property
-    def layout(self) -> SaliencyLayout:
-        return self._selection.layout
 
     @property
     def stats(self) -> Optional[SaliencyStats]:
@@ -189,37 +160,9 @@ class ParameterSaliency(GradientAttribution):
         internal_batch_size: Optional[int],
     ) -> Tensor:
         """``(B, F)`` raw saliency."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(
-                "ParameterSaliency needs autograd, which torch.inference_mode() disables; "
-                "call it outside inference_mode (torch.no_grad() is fine)"
-            )
-        extra = format_additional_args(additional_forward_args)
-        check_internal_batch_size(internal_batch_size)
-        device = model_device([p.param for p in self._selection.params])
-        check_device(inputs_tuple, extra, device)
-        batch = inputs_tuple[0].shape[0]
-        labels = normalize_target(target, batch, device)
-        step = internal_batch_size or batch
-        rows = []
+        prepared = self._prepare(inputs_tuple, target, additional_forward_args, internal_batch_size)
         with evaluation_mode(self.model):
-            routing = self._routing_cache.routing(self.model, self._selection, inputs_tuple, extra)
-            for start in range(0, batch, step):
-                stop = min(start + step, batch)
-                rows.append(
-                    per_sample_unit_saliency(
-                        self.model,
-                        self._selection,
-                        routing,
-                        slice_batch(inputs_tuple, batch, start, stop),
-                        slice_batch(extra, batch, start, stop),
-                        label_resolver(None if labels is None else labels[start:stop], self._default_loss),
-                        self.loss_fn,
-                        self.reduction,
-                        self.fallback_chunk_size,
-                        fused=self.compile_kernels,
-                    )
-                )
+            rows = [unit_saliency(run) for run in self._passes(prepared, internal_batch_size)]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
 
     def profile(
@@ -236,7 +179,7 @@ class ParameterSaliency(GradientAttribution):
         standardized = standardize and self._stats is not None
         if standardized:
             values = self._stats.standardize(values)
-        return SaliencyProfile(values.detach(), self.layout, standardized)
+        return SaliencyProfile(values.detach(), self.layout, standardized, self.reduction)
 
     def fit_stats(
         self,
@@ -277,7 +220,7 @@ class ParameterSaliency(GradientAttribution):
         if shard is None:
             shard = distributed and not _has_distributed_sampler(data)
         stats = SaliencyStats.empty(self.layout, self.reduction, self.loss_name)
-        device = model_device([p.param for p in self._selection.params])
+        device = self._device()
         total = max_samples
         if total is None and not distributed and hasattr(getattr(data, "dataset", None), "__len__"):
             total = len(data.dataset)
@@ -307,16 +250,6 @@ class ParameterSaliency(GradientAttribution):
         if stats.count == 0:
             raise ValueError("fit_stats saw no samples: data is empty")
         return stats
-
-    def has_convergence_delta(self) -> bool:
-        return False
-
-
-def _callable_name(fn: Callable) -> str:
-    module = getattr(fn, "__module__", None) or ""
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}" if module else name
-
 
 def _has_distributed_sampler(data: Any) -> bool:
     from torch.utils.data.distributed import DistributedSampler

@@ -10,15 +10,18 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .batching import is_per_sample, slice_batch
-from .reduce import REDUCTIONS
+from .reductions import Reduction
 from .selection import SelectedParameter
+
+if TYPE_CHECKING:
+    from .engine import SaliencyPass
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -56,10 +59,10 @@ def _unit_saliency_of_sample(
     additional_forward_args: Tuple[Any, ...],
     per_sample_args: Sequence[int],
     loss_fn: LossFn,
-    reduction: str,
+    reduction: Reduction,
 ):
     """``f(sample, label, extras) -> (F_fallback,)``: one sample's units, for vmap."""
-    reduce = REDUCTIONS[reduction]
+    reduce = reduction.reduce
     primals = {p.name: p.param.detach() for p in params}
 
     def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, extras) -> Tensor:
@@ -98,23 +101,14 @@ def _chunks(
         yield slice_batch(inputs, batch, start, stop), target[start:stop], extras, slice(start, stop)
 
 
-def fallback_unit_saliency(
-    model: nn.Module,
-    params: Sequence[SelectedParameter],
-    inputs: Tuple[Tensor, ...],
-    additional_forward_args: Tuple[Any, ...],
-    target: Tensor,
-    loss_fn: LossFn,
-    reduction: str,
-    chunk_size: int,
-) -> Dict[str, Tensor]:
+def fallback_unit_saliency(run: SaliencyPass, params: Sequence[SelectedParameter], target: Tensor) -> Dict[str, Tensor]:
     """``{name: (B, units)}`` for ``params``, by torch.func per-sample gradients."""
-    batch = inputs[0].shape[0]
-    per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
-    units = vmap(_unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction))
+    extra = run.additional_forward_args
+    per_sample_args = [i for i, a in enumerate(extra) if is_per_sample(a, run.batch)]
+    units = vmap(_unit_saliency_of_sample(run.model, params, extra, per_sample_args, run.loss_fn, run.reduction))
     rows = []
-    with _functional_pass(model):
-        for chunk, labels, extras, _ in _chunks(inputs, additional_forward_args, per_sample_args, target, chunk_size):
+    with _functional_pass(run.model):
+        for chunk, labels, extras, _ in _chunks(run.inputs, extra, per_sample_args, target, run.fallback_chunk_size):
             rows.append(units(chunk, labels, extras))
     values = torch.cat(rows)
     split = torch.split(values, [p.num_units for p in params], dim=1)
@@ -122,29 +116,21 @@ def fallback_unit_saliency(
 
 
 def fallback_weighted_input_grads(
-    model: nn.Module,
-    params: Sequence[SelectedParameter],
-    inputs: Tuple[Tensor, ...],
-    additional_forward_args: Tuple[Any, ...],
-    target: Tensor,
-    loss_fn: LossFn,
-    reduction: str,
-    chunk_size: int,
-    weights: Tensor,
+    run: SaliencyPass, params: Sequence[SelectedParameter], target: Tensor, weights: Tensor
 ) -> Tuple[Tensor, ...]:
     """Per sample ``d/dx_i sum_u weights[i, u] * s_i[u]`` over the fallback units (a second
     derivative: ``grad`` of a function that takes ``grad``), chunked like the saliency."""
-    batch = inputs[0].shape[0]
-    per_sample_args = [i for i, a in enumerate(additional_forward_args) if is_per_sample(a, batch)]
-    units = _unit_saliency_of_sample(model, params, additional_forward_args, per_sample_args, loss_fn, reduction)
+    extra = run.additional_forward_args
+    per_sample_args = [i for i, a in enumerate(extra) if is_per_sample(a, run.batch)]
+    units = _unit_saliency_of_sample(run.model, params, extra, per_sample_args, run.loss_fn, run.reduction)
 
     def weighted(sample: Tuple[Tensor, ...], label: Tensor, extras, row: Tensor) -> Tensor:
         return (units(sample, label, extras) * row).sum()
 
     input_grads = vmap(grad(weighted))
     parts = []
-    with _functional_pass(model):
-        for chunk, labels, extras, samples in _chunks(inputs, additional_forward_args, per_sample_args, target,
-                                                       chunk_size):
+    with _functional_pass(run.model):
+        for chunk, labels, extras, samples in _chunks(run.inputs, extra, per_sample_args, target,
+                                                       run.fallback_chunk_size):
             parts.append(input_grads(tuple(x.detach() for x in chunk), labels, extras, weights[samples]))
-    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(inputs)))
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(run.inputs)))

@@ -1,52 +1,147 @@
 """One registry of per-layer rules for per-sample parameter gradients.
 
-A *rule* turns what one call of a layer saw in a batched forward/backward pass,
-its input ``activation`` (batch first) and the gradient at its output
-``grad_output`` (batch first), into the per-sample gradient of each of the
-layer's own parameters that was asked for, as a lazy
-:class:`~.grads.PerSampleGrad` (``(B, *param.shape)`` once materialized).
+A *rule* turns what one call of a layer saw in a batched forward/backward pass, all of
+its inputs (:class:`~.call.CallInputs`: positional and keyword, batch first) and the
+gradient at its output (batch first), into the per-sample gradient of each of the layer's
+own parameters that was asked for, as a lazy :class:`~.grads.PerSampleGrad` (``(B,
+*param.shape)`` once materialized). A rule knows the layer's derivatives only; what is
+computed from them (``mean_abs``, ``rms``, ...) is the :mod:`.reductions`' business.
 
-Rules are registered by exact module type (a subclass may override ``forward``
-and use its weight differently, so it is not trusted to follow its parent's
-rule); everything without a rule goes through :mod:`.fallback`.
+Each rule is registered once, by :func:`register_rule`, in the file of its layer family
+under :mod:`.rules`, with what the rest of the library derives from it:
 
-A layer whose parameter is split into *units* differently from the default
-(index 0 of the tensor) registers a unit grouping with :func:`register_units`.
+* which parameters it covers (``params``) and which of them the default selection takes
+  (``default``): ``ParameterSaliency(model)`` selects exactly the registry's defaults;
+* whether it also covers subclasses of its module types (``subclasses``): a subclass that
+  keeps its parent's ``forward`` computes the same function, so the rule is exact for it
+  (``NonDynamicallyQuantizableLinear``); a subclass that overrides ``forward`` (a LoRA or a
+  quantized Linear) may use its weight differently and is never trusted to follow the rule;
+* optionally ``input_rows``: the rows that multiply the weight (a Linear's input vectors, a
+  convolution's patches), which SPADE's second moments need; the layers that have them are
+  the layers SPADE can prune.
+
+A layer whose parameter splits into *units* other than along index 0 registers a
+grouping with :func:`register_units`. Everything without a rule goes through
+:mod:`.fallback`, which is exact for every model and slower.
+
+Examples::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from captum_paramsal.per_sample import register_rule
+    >>> from captum_paramsal.per_sample.grads import DenseGrad
+    >>> class Scale(nn.Module):                      # y = x * weight, weight of shape (D,)
+    ...     def __init__(self, d):
+    ...         super().__init__()
+    ...         self.weight = nn.Parameter(torch.ones(d))
+    ...     def forward(self, x):
+    ...         return x * self.weight
+    >>> @register_rule(Scale, params=("weight",), default=("weight",))
+    ... def scale_rule(module, inputs, grad_output, names):
+    ...     x = inputs.arg(0, "x")
+    ...     batch = x.shape[0]
+    ...     # dL/dw = sum over every position of dy * x, per sample
+    ...     per_sample = (grad_output * x).reshape(batch, -1, module.weight.shape[0]).sum(1)
+    ...     return {"weight": DenseGrad(per_sample)}
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, FrozenSet, Optional, Type
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
 from .grads import PerSampleGrad
 
-#: ``rule(module, activation, grad_output, names) -> {name: PerSampleGrad}``
-PerSampleRule = Callable[[nn.Module, Tensor, Tensor, FrozenSet[str]], Dict[str, PerSampleGrad]]
+if TYPE_CHECKING:
+    from .call import CallInputs
+
+#: ``rule(module, inputs, grad_output, names) -> {name: PerSampleGrad}``
+PerSampleRule = Callable[[nn.Module, "CallInputs", Tensor, FrozenSet[str]], Dict[str, PerSampleGrad]]
 #: ``grouping(per_sample_grad (B, *shape), module) -> (B, units, entries_per_unit)``
 UnitGrouping = Callable[[Tensor, nn.Module], Tensor]
+#: ``input_rows(module, input) -> (G, N, D)``: per group, the ``N`` rows that multiply the
+#: weight's ``(G, R, D)`` view (see SPADE's second moments)
+InputRows = Callable[[nn.Module, Tensor], Tensor]
 
-_RULES: Dict[Type[nn.Module], PerSampleRule] = {}
-_HANDLED: Dict[Type[nn.Module], FrozenSet[str]] = {}
-_UNITS: Dict[tuple, tuple] = {}
+
+@dataclass(frozen=True)
+class LayerRule:
+    """A registered per-sample rule and what it covers (see the module docstring)."""
+
+    name: str
+    module_types: Tuple[Type[nn.Module], ...]
+    compute: PerSampleRule
+    params: FrozenSet[str]
+    default: FrozenSet[str]
+    subclasses: bool
+    input_rows: Optional[InputRows] = field(default=None, compare=False)
+
+    def __call__(self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]):
+        return self.compute(module, inputs, grad_output, names)
 
 
-def register_rule(*module_types: Type[nn.Module], params: tuple = ("weight", "bias")):
-    """Register ``rule`` for ``module_types``; ``params`` are the attribute names it covers."""
+_RULES: Dict[Type[nn.Module], LayerRule] = {}
+_UNITS: Dict[Tuple[Type[nn.Module], str], Tuple[UnitGrouping, Callable[[nn.Module], int]]] = {}
 
-    def decorator(rule: PerSampleRule) -> PerSampleRule:
+
+def register_rule(
+    *module_types: Type[nn.Module],
+    params: Sequence[str] = ("weight", "bias"),
+    default: Sequence[str] = (),
+    subclasses: bool = False,
+    input_rows: Optional[InputRows] = None,
+    name: Optional[str] = None,
+) -> Callable[[PerSampleRule], PerSampleRule]:
+    """Register the decorated ``rule(module, inputs, grad_output, names)`` for ``module_types``.
+
+    Args:
+        module_types: the layer classes the rule is exact for.
+        params: the attribute names of the parameters it covers.
+        default: those of ``params`` that ``ParameterSaliency(model)`` selects when no
+            ``params=`` is given (the weight matrices and filters, not biases or norms).
+        subclasses: also cover subclasses of ``module_types`` that do not override
+            ``forward`` (the nearest registered class wins).
+        input_rows: ``input_rows(module, input) -> (G, N, D)``, the rows that multiply the
+            weight (for SPADE); None where the layer is not a matrix product of its input.
+        name: how the routing report names the rule (default: the function's name).
+
+    Examples::
+
+        >>> @register_rule(Scale, params=("weight",))
+        ... def scale_rule(module, inputs, grad_output, names): ...
+    """
+    if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+        raise TypeError(f"register_rule needs nn.Module subclasses, got {module_types!r}")
+    if isinstance(params, str) or isinstance(default, str):
+        raise TypeError("params and default are sequences of attribute names, e.g. ('weight',)")
+    if not set(default) <= set(params):
+        raise ValueError(f"default {tuple(default)} must be among params {tuple(params)}")
+
+    def decorator(compute: PerSampleRule) -> PerSampleRule:
+        rule = LayerRule(
+            name or getattr(compute, "__name__", "rule"), tuple(module_types), compute,
+            frozenset(params), frozenset(default), bool(subclasses), input_rows,
+        )
         for module_type in module_types:
             _RULES[module_type] = rule
-            _HANDLED[module_type] = frozenset(params)
-        return rule
+        return compute
 
     return decorator
 
 
-def register_units(*module_types: Type[nn.Module], param: str, num_units: Callable[[nn.Module], int]):
-    """Register how ``param`` of ``module_types`` splits into units (see :data:`UnitGrouping`)."""
+def register_units(
+    *module_types: Type[nn.Module], param: str, num_units: Callable[[nn.Module], int]
+) -> Callable[[UnitGrouping], UnitGrouping]:
+    """Register how ``param`` of ``module_types`` splits into units (see :data:`UnitGrouping`).
+
+    Examples::
+
+        >>> @register_units(nn.ConvTranspose2d, param="weight", num_units=lambda m: m.out_channels)
+        ... def output_channel_units(per_sample_grad, module): ...
+    """
 
     def decorator(grouping: UnitGrouping) -> UnitGrouping:
         for module_type in module_types:
@@ -56,12 +151,72 @@ def register_units(*module_types: Type[nn.Module], param: str, num_units: Callab
     return decorator
 
 
-def find_rule(module: nn.Module, param: str) -> Optional[PerSampleRule]:
-    """The rule covering ``module.<param>``, or None when the fallback must handle it."""
-    module_type = type(module)
-    if param in _HANDLED.get(module_type, ()):
-        return _RULES[module_type]
+def _registered_base(module_type: Type[nn.Module]) -> Optional[Type[nn.Module]]:
+    """The nearest registered class of ``module_type`` (itself first), or None."""
+    for base in module_type.__mro__:
+        if base in _RULES:
+            return base
     return None
+
+
+def rule_for_module(module: nn.Module) -> Tuple[Optional[LayerRule], str]:
+    """``(the rule for this module's type or None, why not)``."""
+    module_type = type(module)
+    if module_type in _RULES:
+        return _RULES[module_type], ""
+    base = _registered_base(module_type)
+    if base is None:
+        return None, f"no rule for {module_type.__name__}"
+    rule = _RULES[base]
+    if not rule.subclasses:
+        return None, f"{module_type.__name__} subclasses {base.__name__}, whose rule does not cover subclasses"
+    if module_type.forward is not base.forward:
+        return None, (
+            f"{module_type.__name__} subclasses {base.__name__} but overrides forward, so the "
+            f"{rule.name} rule may not match it; register a rule for {module_type.__name__}"
+        )
+    return rule, ""
+
+
+def explain_rule(module: nn.Module, param: str) -> Tuple[Optional[LayerRule], str]:
+    """``(the rule covering module.<param>, "")`` or ``(None, the reason there is none)``."""
+    rule, why = rule_for_module(module)
+    if rule is None:
+        return None, why
+    if param not in rule.params:
+        return None, f"the {rule.name} rule covers {sorted(rule.params)}, not {param!r}"
+    return rule, ""
+
+
+def find_rule(module: nn.Module, param: str) -> Optional[LayerRule]:
+    """The rule covering ``module.<param>``, or None when the fallback must handle it."""
+    return explain_rule(module, param)[0]
+
+
+def default_params(module: nn.Module) -> FrozenSet[str]:
+    """The attribute names of ``module``'s parameters that the default selection takes.
+
+    A module whose nearest registered class has a rule is selected like that class even
+    where the rule does not cover it (a subclass overriding ``forward``): its weights are
+    still the model's weight matrices, computed exactly by the fallback, and the routing
+    report says why they are not on the fast path.
+    """
+    base = _registered_base(type(module))
+    return frozenset() if base is None else _RULES[base].default
+
+
+def prunable_types() -> Tuple[Type[nn.Module], ...]:
+    """The registered layer types whose weight has ``input_rows`` (what SPADE can prune)."""
+    return tuple(t for t, rule in _RULES.items() if rule.input_rows is not None)
+
+
+def registered_rules() -> List[LayerRule]:
+    """Every registered rule once, in registration order."""
+    seen: List[LayerRule] = []
+    for rule in _RULES.values():
+        if all(rule is not other for other in seen):
+            seen.append(rule)
+    return seen
 
 
 def default_grouping(per_sample_grad: Tensor, module: Optional[nn.Module] = None) -> Tensor:
@@ -74,7 +229,9 @@ def default_grouping(per_sample_grad: Tensor, module: Optional[nn.Module] = None
 
 def unit_grouping(module: Optional[nn.Module], param: str, shape: torch.Size):
     """``(grouping, num_units)`` for ``param`` of ``module`` (module None: a bare parameter)."""
-    if module is not None and (type(module), param) in _UNITS:
-        grouping, num_units = _UNITS[(type(module), param)]
-        return grouping, num_units(module)
+    if module is not None:
+        for base in type(module).__mro__:
+            if (base, param) in _UNITS:
+                grouping, num_units = _UNITS[(base, param)]
+                return grouping, num_units(module)
     return default_grouping, (shape[0] if len(shape) > 0 else 1)

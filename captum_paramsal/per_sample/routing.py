@@ -8,8 +8,8 @@ one-sample *probe* forward checks both assumptions before the real pass:
   elsewhere, such as ``nn.MultiheadAttention``'s ``out_proj.weight`` used
   functionally, or a tied embedding reused as an output projection, go to the
   fallback;
-* for each call, the batch is dim 0 of the input and output: with a batch of
-  one, dim 0 has size 1 (a sequence-first ``(T, 1, D)`` activation does not).
+* for each call, the batch is dim 0 of every tensor input and of the output: with a
+  batch of one, dim 0 has size 1 (a sequence-first ``(T, 1, D)`` activation does not).
 
 Anything the probe cannot vouch for goes to the generic fallback, which is
 exact for every model.
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Hashable, Iterable, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -38,32 +38,54 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batching import slice_batch
+from .call import CallInputs, call_inputs
+from .registry import explain_rule
 from .selection import SelectedParameter, Selection
 from .tap import GradTap, new_anchor
 
-#: One call as the probe saw it: the (activation, output) shapes at batch 1, or None
-#: when dim 0 was not the batch (or the call's input or output was not a tensor).
-CallShapes = Optional[Tuple[Tuple[int, ...], Tuple[int, ...]]]
+#: One call as the probe saw it: the shapes of its tensor inputs and of its output at
+#: batch 1 without dim 0, or None when dim 0 was not the batch of all of them (or the
+#: call had no tensor input, or its output was not a tensor).
+CallShapes = Optional[Tuple[Tuple[Tuple[int, ...], ...], Tuple[int, ...]]]
+
+
+def _call_shapes(inputs: CallInputs, output: Any) -> Tuple[CallShapes, str]:
+    """``(the probe's record of a call, why it is None)``."""
+    tensors = [t for _, t in inputs.tensors()]
+    if not tensors or not isinstance(inputs.first, Tensor):
+        return None, "its main input is not a tensor"
+    if not isinstance(output, Tensor):
+        return None, f"it returns a {type(output).__name__}, not a tensor"
+    for key, t in inputs.tensors():
+        if t.dim() == 0 or t.shape[0] != 1:
+            return None, f"input {key!r} of shape {tuple(t.shape)} at batch 1 does not have the batch on dim 0"
+    if output.dim() == 0 or output.shape[0] != 1:
+        return None, f"its output of shape {tuple(output.shape)} at batch 1 does not have the batch on dim 0"
+    return (tuple(tuple(t.shape[1:]) for t in tensors), tuple(output.shape[1:])), ""
 
 
 @dataclass(frozen=True)
 class Routing:
-    """Parameters the rules compute, and per rule-module call whether dim 0 is the batch."""
+    """Parameters the rules compute, per rule-module call whether dim 0 is the batch, and
+    why each other selected parameter goes to the fallback."""
 
     rule_names: FrozenSet[str]
     calls: Dict[nn.Module, Tuple[CallShapes, ...]] = field(default_factory=dict)
+    reasons: Dict[str, str] = field(default_factory=dict)
 
-    def call_is_batch_first(self, module: nn.Module, call: int, activation: Tensor, output: Tensor) -> bool:
+    def call_is_batch_first(self, module: nn.Module, call: int, inputs: CallInputs, output: Any) -> bool:
         """Whether call number ``call`` of ``module`` has the batch on dim 0: the probe said so,
-        and the activation and output have the probe's shapes with dim 0 the batch."""
+        and every tensor input and the output have the probe's shapes with dim 0 the batch."""
         calls = self.calls.get(module, ())
-        if call >= len(calls) or calls[call] is None:
+        if call >= len(calls) or calls[call] is None or not isinstance(output, Tensor):
             return False
-        activation_shape, output_shape = calls[call]
-        batch = activation.shape[0]
-        return (
-            activation.shape == (batch, *activation_shape[1:])
-            and output.shape == (batch, *output_shape[1:])
+        input_shapes, output_shape = calls[call]
+        tensors = [t for _, t in inputs.tensors()]
+        if len(tensors) != len(input_shapes) or output.dim() == 0:
+            return False
+        batch = output.shape[0]
+        return output.shape[1:] == output_shape and all(
+            t.dim() > 0 and t.shape[0] == batch and t.shape[1:] == shape for t, shape in zip(tensors, input_shapes)
         )
 
 
@@ -74,14 +96,14 @@ class _ParameterUseRecorder(TorchFunctionMode):
         super().__init__()
         self.owners = owners
         self.stack = stack
-        self.foreign: set = set()
+        self.foreign: Dict[int, str] = {}  # id(param) -> the first op that used it outside
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, Tensor) and id(leaf) in self.owners:
                 if not self.stack or id(self.stack[-1]) not in self.owners[id(leaf)]:
-                    self.foreign.add(id(leaf))
+                    self.foreign.setdefault(id(leaf), getattr(func, "__name__", str(func)))
         return func(*args, **kwargs)
 
 
@@ -134,6 +156,10 @@ class ParameterUseWatch:
         """Names of the parameters used outside their owners' calls so far."""
         return frozenset(self._names[i] for i in self._recorder.foreign)
 
+    def foreign_uses(self) -> Dict[str, str]:
+        """``{name: the first op that used it outside its owners' calls}``."""
+        return {self._names[i]: op for i, op in self._recorder.foreign.items()}
+
 
 def _ignore(_grad: Tensor) -> None:
     return None
@@ -146,24 +172,20 @@ def route(
     additional_forward_args: Tuple[Any, ...],
 ) -> Routing:
     """Run the probe on the first sample of ``inputs`` and return the :class:`Routing`."""
-    candidates = [p for p in selection.params if p.has_rule]
+    reasons = {p.name: p.why_no_rule() for p in selection.params if not p.has_rule}
+    candidates = [p for p in selection.params if p.name not in reasons]
     if not candidates:
-        return Routing(frozenset())
+        return Routing(frozenset(), {}, reasons)
     rule_modules = {m for p in candidates for m, _ in p.owners}
     calls: Dict[nn.Module, List[CallShapes]] = {m: [] for m in rule_modules}
+    why_not: Dict[nn.Module, str] = {}
     anchor = new_anchor(inputs[0].device)
 
     def record(module, args, kwargs, output):
-        activation = args[0] if args else next(iter(kwargs.values()), None)
-        ok = (
-            isinstance(activation, Tensor)
-            and isinstance(output, Tensor)
-            and activation.dim() > 0
-            and output.dim() > 0
-            and activation.shape[0] == 1
-            and output.shape[0] == 1
-        )
-        calls[module].append((tuple(activation.shape), tuple(output.shape)) if ok else None)
+        shapes, why = _call_shapes(call_inputs(args, kwargs), output)
+        if shapes is None:
+            why_not.setdefault(module, f"call {len(calls[module])} of its {type(module).__name__}: {why}")
+        calls[module].append(shapes)
         # tapped as in the real pass, so that the probe's forward is the same
         return GradTap.apply(output, anchor, _ignore) if isinstance(output, Tensor) else None
 
@@ -178,9 +200,15 @@ def route(
     finally:
         for handle in handles:
             handle.remove()
-    foreign = watch.foreign_names()
-    rule_names = frozenset(p.name for p in candidates if p.name not in foreign)
-    return Routing(rule_names, {m: tuple(c) for m, c in calls.items()})
+    for name, op in watch.foreign_uses().items():
+        reasons[name] = f"used outside a call of the module that holds it (by {op})"
+    for p in candidates:
+        if p.name not in reasons:
+            why = next((why_not[m] for m, _ in p.owners if m in why_not), None)
+            if why is not None:
+                reasons[p.name] = why
+    rule_names = frozenset(p.name for p in candidates if p.name not in reasons)
+    return Routing(rule_names, {m: tuple(c) for m, c in calls.items()}, reasons)
 
 
 def _signature(values: Tuple[Any, ...], batch: int) -> Optional[Hashable]:
@@ -232,3 +260,84 @@ class RoutingCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
         return result
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """How one selected parameter is computed."""
+
+    parameter: str
+    module: str  #: the type of the module that holds it
+    rule: Optional[str]  #: the rule's name, None for the fallback
+    reason: str  #: why the fallback, "" for a rule
+
+    @property
+    def route(self) -> str:
+        return f"rule: {self.rule}" if self.rule is not None else "fallback (torch.func)"
+
+
+class RoutingReport(Sequence[RouteRow]):
+    """For each selected parameter, which rule computes it or why the fallback does.
+
+    Print it for a table. The fallback is exact for every model but costs a ``vmap``
+    over chunks of samples; a layer that a rule should cover and does not shows here
+    with the reason (a subclass overriding ``forward``, a weight used outside its module,
+    a layer fed sequence-first tensors, ...).
+
+    Examples::
+
+        >>> report = ps.routing(images)
+        >>> print(report)
+        parameter        module   route                  reason
+        conv1.weight     Conv2d   rule: conv
+        ...
+        >>> report.fallback              # names of the parameters on the slow path
+        ()
+    """
+
+    def __init__(self, rows: Sequence[RouteRow]) -> None:
+        self._rows = tuple(rows)
+
+    def __getitem__(self, index):
+        return self._rows[index]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def fallback(self) -> Tuple[str, ...]:
+        """Names of the parameters that the fallback computes."""
+        return tuple(row.parameter for row in self._rows if row.rule is None)
+
+    def _table(self) -> List[Tuple[str, str, str, str]]:
+        return [(r.parameter, r.module, r.route, r.reason) for r in self._rows]
+
+    def __str__(self) -> str:
+        header = ("parameter", "module", "route", "reason")
+        rows = [header, *self._table()]
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+        slow = len(self.fallback)
+        summary = f"{len(self) - slow} of {len(self)} parameters by rules, {slow} by the fallback"
+        return "\n".join([*(line.rstrip() for line in lines), summary])
+
+    def __repr__(self) -> str:
+        return f"RoutingReport({len(self) - len(self.fallback)} by rules, {len(self.fallback)} by the fallback)"
+
+    def to_markdown(self) -> str:
+        lines = ["| parameter | module | route | reason |", "|---|---|---|---|"]
+        lines += [f"| `{a}` | {b} | {c} | {d} |" for a, b, c, d in self._table()]
+        return "\n".join(lines)
+
+
+def routing_report(selection: Selection, routing: Routing) -> RoutingReport:
+    """The :class:`RoutingReport` of ``routing`` for the parameters of ``selection``."""
+    rows = []
+    for p in selection.params:
+        module = type(p.owners[0][0]).__name__ if p.owners else "-"
+        if p.name in routing.rule_names:
+            rule = next(explain_rule(m, attr)[0] for m, attr in p.owners)
+            rows.append(RouteRow(p.name, module, rule.name, ""))
+        else:
+            rows.append(RouteRow(p.name, module, None, routing.reasons.get(p.name, "routed to the fallback")))
+    return RoutingReport(rows)

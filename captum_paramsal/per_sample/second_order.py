@@ -16,96 +16,44 @@ no per-sample gradient outlives its chunk.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .engine import (
-    LayerCall,
-    TargetResolver,
-    _closed_form_applies,
-    _reduce_calls,
-    _Workspace,
-    rules_first,
-    samples_per_chunk,
-)
-from .fallback import LossFn, fallback_unit_saliency, fallback_weighted_input_grads
-from .grads import PerSampleGrad
-from .registry import default_grouping
-from .routing import Routing
-from .selection import SelectedParameter, Selection
+from .call import LayerCall
+from .engine import SaliencyPass, rules_first
+from .fallback import fallback_unit_saliency, fallback_weighted_input_grads
+from .selection import SelectedParameter
+from .unit_values import Workspace, pull_back_chunk, reduce_to_units, units_pull_back
 
 
-def _saliency_from_calls(p: SelectedParameter, calls: List[LayerCall], batch: int, reduction: str, workspace) -> Tensor:
+def _saliency_from_calls(run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], workspace: Workspace):
     with torch.no_grad():
-        grads = [call.per_sample_grad(detach=True) for call in calls]
-        return _reduce_calls(p, grads, batch, reduction, workspace)
-
-
-def _mean_abs_pull_back(
-    p: SelectedParameter, grads: List[PerSampleGrad], weights: Tensor, workspace: _Workspace
-) -> Optional[List[Tuple[Tensor, Tensor]]]:
-    """``(tensor, cotangent)`` pairs of ``sum(weights * mean_abs units)`` through the rules'
-    own :meth:`~.grads.PerSampleGrad.pull_back`, or ``None`` where a rule has none
-    (with ``compile_kernels``, the single-call low-rank layers take the compiled
-    :meth:`~.grads.PerSampleGrad.fused_mean_abs_pull_back` instead).
-
-    By hand rather than by autograd through the dense gradient, whose ``abs``, its backward's
-    ``sgn`` and ``mul`` and the mean's broadcast would each pass over ``n x numel`` values:
-    here the dense gradient is built once into the workspace and turned into its signs in
-    place (``d|G|/dG = sgn(G)``, autograd's convention at 0), scaled per unit by the weight
-    over the unit's size, and handed to each call's rule.
-    """
-    if p.grouping is not default_grouping:
-        return None
-    batch, numel = weights.shape[0], p.param.numel()
-    row_scale = weights / (numel // p.num_units)
-    if workspace.fused and len(grads) == 1:
-        pairs = grads[0].fused_mean_abs_pull_back(0, batch, row_scale)
-        if pairs is not None:
-            return pairs
-    with torch.no_grad():
-        dense = grads[0].materialize(0, batch, workspace.get(batch * numel, p.param.dtype, p.param.device))
-        for g in grads[1:]:
-            dense += g.materialize(0, batch)
-        signs = dense.sgn_()
-    pairs: List[Tuple[Tensor, Tensor]] = []
-    for i, g in enumerate(grads):
-        # a rule may overwrite the cotangent it is given: the last one gets the original
-        part = g.pull_back(0, batch, signs if i == len(grads) - 1 else signs.clone(), row_scale)
-        if part is None:
-            return None
-        pairs += part
-    return pairs
+        grads = [call.detached().per_sample_grad() for call in calls]
+        return reduce_to_units(p, grads, run.batch, run.reduction, run.policy, workspace)
 
 
 def _layer_cotangents(
-    p: SelectedParameter, calls: List[LayerCall], weights: Tensor, reduction: str, workspace
+    run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], weights: Tensor, workspace: Workspace
 ) -> Tuple[List[Tensor], List[Tensor]]:
     """Gradients of ``sum(weights * s_p)`` with respect to each call's tensors, chunk by chunk."""
     batch = weights.shape[0]
-    tensors = [t for call in calls for t in (call.activation, call.grad_output)]
+    per_call = [call.tensors() for call in calls]
+    tensors = [t for ts in per_call for t in ts]
     cotangents = [torch.zeros_like(t) for t in tensors]
-    detached = [call.per_sample_grad(detach=True) for call in calls]
-    chunk = samples_per_chunk(p, detached, reduction)
-    if workspace.fused and reduction == "mean_abs" and len(detached) == 1 and detached[0].fusable():
-        # the compiled pull-back writes the signs once and reads them twice: half a
-        # workspace of them stays in cache (a whole one was slower on a 32 MiB L3)
-        chunk = max(1, chunk // 2)
+    chunk = pull_back_chunk(p, [call.detached().per_sample_grad() for call in calls], run.reduction, run.policy)
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
         leaves = [t[start:stop].detach().requires_grad_() for t in tensors]
         with torch.enable_grad():
-            grads = [
-                LayerCall(call.module, call.attr, leaves[2 * i], leaves[2 * i + 1]).per_sample_grad()
-                for i, call in enumerate(calls)
-            ]
-            pairs = None
-            if reduction == "mean_abs" and not _closed_form_applies(p, grads, reduction):
-                pairs = _mean_abs_pull_back(p, grads, weights[start:stop], workspace)
+            grads, offset = [], 0
+            for call, ts in zip(calls, per_call):
+                grads.append(call.with_tensors(leaves[offset : offset + len(ts)]).per_sample_grad())
+                offset += len(ts)
+            pairs = units_pull_back(p, grads, weights[start:stop], run.reduction, run.policy, workspace)
             if pairs is None:
-                values = _reduce_calls(p, grads, stop - start, reduction, workspace)
+                values = reduce_to_units(p, grads, stop - start, run.reduction, run.policy, workspace)
                 pairs = [((values * weights[start:stop]).sum(), None)]
             outputs, grad_outputs = zip(*pairs)
             parts = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
@@ -116,63 +64,46 @@ def _layer_cotangents(
 
 
 def weighted_saliency_input_grads(
-    model: nn.Module,
-    selection: Selection,
-    routing: Routing,
-    inputs: Tuple[Tensor, ...],
-    additional_forward_args: Tuple[Any, ...],
-    resolve_target: TargetResolver,
-    loss_fn: LossFn,
-    reduction: str,
-    fallback_chunk_size: int,
-    weights_of: Callable[[Tensor], Tensor],
-    fused: bool = False,
+    run: SaliencyPass, weights_of: Callable[[Tensor], Tensor]
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """``(saliency (B, F), weights (B, F), input gradients)`` for ``weights = weights_of(saliency)``.
 
-    ``inputs`` must be floating point; the model must be in eval mode.
+    ``run.inputs`` must be floating point; the model must be in eval mode.
     """
-    batch = inputs[0].shape[0]
-    leaves = tuple(x.detach().requires_grad_() for x in inputs)
-    workspace = _Workspace(fused)  # phase A's saliency may use the compiled kernels
-    raw, fallback_params, target = rules_first(
-        model, selection, routing, leaves, additional_forward_args, resolve_target, loss_fn, reduction,
-        keep_calls=True,
-    )
-    rule_params = [p for p in selection.params if p.name in raw]
+    leaves = tuple(x.detach().requires_grad_() for x in run.inputs)
+    run = run.with_inputs(leaves)
+    params = run.selection.params
+    workspace = Workspace()
+    first = rules_first(run, keep_calls=True)
+    kept, fallback, target = dict(first.values), first.fallback, first.target
+    del first  # the kept calls are freed by kept.clear() below
+    rule_params = [p for p in params if p.name in kept]
 
     # Phase A: the saliency itself, to choose the weights.
-    columns: Dict[str, Tensor] = {p.name: _saliency_from_calls(p, raw[p.name], batch, reduction, workspace)
-                                  for p in rule_params}
-    if fallback_params:
-        columns.update(fallback_unit_saliency(
-            model, fallback_params, leaves, additional_forward_args, target, loss_fn, reduction, fallback_chunk_size,
-        ))
-    saliency = torch.cat([columns[p.name] for p in selection.params], dim=1)
+    columns: Dict[str, Tensor] = {p.name: _saliency_from_calls(run, p, kept[p.name], workspace) for p in rule_params}
+    if fallback:
+        columns.update(fallback_unit_saliency(run, fallback, target))
+    saliency = torch.cat([columns[p.name] for p in params], dim=1)
     weights = weights_of(saliency).detach()
-    weight_of = dict(zip((p.name for p in selection.params), torch.split(
-        weights, [p.num_units for p in selection.params], dim=1)))
+    weight_of = dict(zip((p.name for p in params), torch.split(weights, [p.num_units for p in params], dim=1)))
 
     # Phase B: d(weights . saliency)/d(inputs), rule layers through their saved tensors ...
     outputs: List[Tensor] = []
     cotangents: List[Tensor] = []
     for p in rule_params:
-        tensors, cots = _layer_cotangents(p, raw[p.name], weight_of[p.name], reduction, workspace)
+        tensors, cots = _layer_cotangents(run, p, kept[p.name], weight_of[p.name], workspace)
         for t, c in zip(tensors, cots):
             if t.requires_grad:
                 outputs.append(t)
                 cotangents.append(c)
-    raw.clear()
+    kept.clear()
     input_grads = [torch.zeros_like(x) for x in leaves]
     if outputs:
         parts = torch.autograd.grad(outputs, leaves, grad_outputs=cotangents, allow_unused=True)
         input_grads = [g if part is None else g + part for g, part in zip(input_grads, parts)]
     # ... and the fallback parameters by torch.func's grad of grad.
-    if fallback_params:
-        fb_weights = torch.cat([weight_of[p.name] for p in fallback_params], dim=1)
-        parts = fallback_weighted_input_grads(
-            model, fallback_params, leaves, additional_forward_args, target, loss_fn, reduction,
-            fallback_chunk_size, fb_weights,
-        )
+    if fallback:
+        fb_weights = torch.cat([weight_of[p.name] for p in fallback], dim=1)
+        parts = fallback_weighted_input_grads(run, fallback, target, fb_weights)
         input_grads = [g + part for g, part in zip(input_grads, parts)]
     return saliency, weights, tuple(g.detach() for g in input_grads)

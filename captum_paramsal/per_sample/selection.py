@@ -9,18 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..layout import SaliencyLayout
-from .registry import UnitGrouping, find_rule, unit_grouping
-
-#: Modules whose ``weight`` is selected when the user names no parameters (SPEC §1).
-DEFAULT_MODULE_TYPES = (
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Linear,
-)
+from .registry import UnitGrouping, default_params, explain_rule, registered_rules, unit_grouping
 
 
 @dataclass(frozen=True)
@@ -38,7 +27,17 @@ class SelectedParameter:
     @property
     def has_rule(self) -> bool:
         """True when every owner has a per-layer rule (else only the fallback is exact)."""
-        return bool(self.owners) and all(find_rule(m, attr) is not None for m, attr in self.owners)
+        return self.why_no_rule() is None
+
+    def why_no_rule(self) -> Optional[str]:
+        """None when every owner has a rule for this parameter, else why not."""
+        if not self.owners:
+            return "no module holds it (a bare parameter of the model)"
+        for module, attr in self.owners:
+            rule, why = explain_rule(module, attr)
+            if rule is None:
+                return why
+        return None
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,10 @@ def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
 def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) -> Selection:
     """Resolve ``params`` (names, or None for the default selection) into a :class:`Selection`.
 
+    The default selection is the registry's: each registered rule's ``default`` parameters
+    (the weight of every convolution, transposed convolution and Linear layer, their
+    subclasses included), in ``model.named_parameters()`` order.
+
     Raises:
         ValueError: a name the model does not have, a name given twice, or
             nothing to select.
@@ -69,14 +72,16 @@ def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) 
     owners = _owners(model)
     if params is None:
         wanted = {
-            id(module.weight)
+            id(getattr(module, attr))
             for module in model.modules()
-            if isinstance(module, DEFAULT_MODULE_TYPES) and isinstance(module.weight, nn.Parameter)
+            for attr in default_params(module)
+            if isinstance(getattr(module, attr, None), nn.Parameter)
         }
         if not wanted:
+            kinds = sorted({t.__name__ for rule in registered_rules() if rule.default for t in rule.module_types})
             raise ValueError(
-                "the model has no Conv, ConvTranspose or Linear weight to select by default; "
-                "pass params=[...] with names from model.named_parameters()"
+                "the model has no Conv, ConvTranspose or Linear weight to select by default (the registry's "
+                f"defaults: weights of {', '.join(kinds)}); pass params=[...] with names from model.named_parameters()"
             )
     else:
         if isinstance(params, str):

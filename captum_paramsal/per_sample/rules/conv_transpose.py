@@ -14,17 +14,19 @@ from typing import Dict, FrozenSet
 import torch
 from torch import Tensor, nn
 
-from .grads import ChunkedGrad, DenseGrad, PerSampleGrad
-from .im2col import im2col
-from .registry import register_rule, register_units
+from ..call import CallInputs
+from ..grads import ChunkedGrad, DenseGrad, PerSampleGrad
+from ..registry import register_rule, register_units
+from ._im2col import im2col
 
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-@register_rule(*_TRANSPOSED)
+@register_rule(*_TRANSPOSED, default=("weight",), subclasses=True, name="conv_transpose")
 def conv_transpose_per_sample_grads(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, names: FrozenSet[str]
+    module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
+    activation = inputs.arg(0, "input")
     batch = activation.shape[0]
     groups = module.groups
     in_channels, out_channels = module.in_channels, module.out_channels

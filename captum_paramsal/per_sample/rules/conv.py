@@ -2,9 +2,11 @@
 
 Within each group, one sample's weight gradient is a sum over output positions
 ``p`` of outer products: ``dW[o, (c, k)] = sum_p dY[o, p] * X_patches[(c, k), p]``,
-a :class:`~.grads.LowRankGrad` of rank ``P``. With few positions it is built
+a :class:`~..grads.LowRankGrad` of rank ``P``. With few positions it is built
 by a batched matmul with the input's patches; with many positions a batched
-(vmap) convolution weight-gradient kernel is faster and needs no patches.
+(vmap) convolution weight-gradient kernel is faster and needs no patches: the rule
+offers both and the kernel policy chooses (:mod:`..policy`). The rows that multiply the
+weight (SPADE) are the patches.
 """
 
 from __future__ import annotations
@@ -17,13 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .grads import DenseGrad, LowRankGrad, PerSampleGrad
-from .im2col import im2col
-from .registry import register_rule
-
-#: From this many output positions on, a k x k (k > 1) convolution's own weight-gradient
-#: kernel beats im2col + matmul (measured on CPU; 1x1 kernels need no im2col at all).
-CONV_KERNEL_MIN_POSITIONS = 64
+from ..call import CallInputs
+from ..grads import DenseGrad, LowRankGrad, PerSampleGrad
+from ..registry import register_rule
+from ._im2col import im2col
 
 
 def _padded_input(module: nn.Module, activation: Tensor):
@@ -89,10 +88,23 @@ def _kernel_pull_back_untracked(
     return [(grad_output, d_grad_output.reshape(grad_output.shape)), (x, d_x.reshape(x.shape))]
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_input_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """``(G, C_in/G * K, N * P)``: per group, every patch of the batch ``x``, one column each
+    (entries in the order of the weight's flattened ``(C_in/G, *kernel)``)."""
+    if x.dim() == len(module.kernel_size) + 1:  # an unbatched call
+        x = x.unsqueeze(0)
+    x, padding = _padded_input(module, x)
+    cols = im2col(x, module.kernel_size, module.stride, module.dilation, padding)  # (N, C, K, P)
+    n, channels, taps, positions = cols.shape
+    groups = module.groups
+    grouped = cols.reshape(n, groups, (channels // groups) * taps, positions).permute(1, 2, 0, 3)
+    return grouped.reshape(groups, (channels // groups) * taps, n * positions)
+
+
 def conv_per_sample_grads(
-    module: nn.Module, activation: Tensor, grad_output: Tensor, names: FrozenSet[str]
+    module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
+    activation = inputs.arg(0, "input")
     batch = activation.shape[0]
     groups, out_channels = module.groups, module.out_channels
     positions = grad_output[0].numel() // out_channels
@@ -107,7 +119,7 @@ def conv_per_sample_grads(
             return cols.reshape(stop - start, groups, -1, positions).transpose(-1, -2)
 
         materialize = pull_back = None
-        if positions >= CONV_KERNEL_MIN_POSITIONS and math.prod(module.kernel_size) > 1:
+        if math.prod(module.kernel_size) > 1:  # a 1x1 kernel's patches are a view: no need
             def materialize(start: int, stop: int) -> Tensor:
                 return _kernel_weight_grads(module, x[start:stop], grad_output[start:stop], padding)
 
@@ -121,3 +133,10 @@ def conv_per_sample_grads(
     if "bias" in names:
         grads["bias"] = DenseGrad(grad_output.reshape(batch, out_channels, -1).sum(-1))
     return grads
+
+
+register_rule(
+    nn.Conv1d, nn.Conv2d, default=("weight",), subclasses=True, input_rows=conv_input_rows, name="conv"
+)(conv_per_sample_grads)
+# SPADE's solver is not set up for 3-d kernels: no input rows, so it leaves them dense
+register_rule(nn.Conv3d, default=("weight",), subclasses=True, name="conv")(conv_per_sample_grads)

@@ -1,0 +1,225 @@
+"""The base of the parameter-space methods: what they share before the method itself.
+
+Both :class:`~.parameter_saliency.ParameterSaliency` and
+:class:`~.parameter_guided_input_saliency.ParameterGuidedInputSaliency` select parameters,
+take a per-sample loss and a reduction, route the selection to rules or the fallback,
+format inputs and targets the way Captum does, keep the model in eval mode while they
+work, and cut a batch into chunks of ``internal_batch_size`` samples, each one
+:class:`~captum_paramsal.per_sample.engine.SaliencyPass`. This class does those things
+once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+
+import torch
+from captum.attr import GradientAttribution
+from torch import Tensor, nn
+
+from .._utils import (
+    TargetType,
+    TensorOrTupleOfTensors,
+    check_device,
+    check_internal_batch_size,
+    cross_entropy_per_sample,
+    evaluation_mode,
+    format_additional_args,
+    format_inputs,
+    label_resolver,
+    model_device,
+    normalize_target,
+    outside_stacklevel,
+)
+from ..layout import SaliencyLayout
+from ..per_sample import (
+    KernelPolicy,
+    RoutingCache,
+    RoutingReport,
+    SaliencyPass,
+    get_reduction,
+    routing_report,
+    select_parameters,
+)
+from ..per_sample.batching import slice_batch
+from ..per_sample.compiled import CompiledKernels
+from ..per_sample.reductions import Reduction
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A checked batch: inputs as a tuple, extra arguments as a tuple, labels on the device
+    (None: each sample's predicted class), and whether the inputs came as a tuple."""
+
+    inputs: Tuple[Tensor, ...]
+    additional_forward_args: Tuple[Any, ...]
+    labels: Optional[Tensor]
+    is_tuple: bool
+
+    @property
+    def batch(self) -> int:
+        return self.inputs[0].shape[0]
+
+
+class ParameterSpaceAttribution(GradientAttribution):
+    """Shared base of the parameter-space attribution methods (see the module docstring).
+
+    Args:
+        model: the network.
+        params: names from ``model.named_parameters()``; None for the default selection
+            (the weight of every convolution, transposed convolution and Linear layer).
+        loss_fn: ``loss_fn(outputs, target) -> (B,)``; default cross-entropy per sample.
+        reduction: ``"mean_abs"``, ``"mean"`` or ``"rms"`` (:mod:`..per_sample.reductions`).
+        fallback_chunk_size: samples per chunk of the generic ``torch.func`` fallback.
+        compile_kernels: reduce low-rank layers with compiled kernels where they apply.
+        share: another method of the same model whose selection, loss, reduction, routing
+            cache and kernels this one uses (the other arguments must then be left at
+            their defaults).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Optional[Sequence[str]] = None,
+        loss_fn: Optional[LossFn] = None,
+        reduction: str = "mean_abs",
+        fallback_chunk_size: int = 16,
+        compile_kernels: bool = False,
+        share: Optional[ParameterSpaceAttribution] = None,
+    ) -> None:
+        GradientAttribution.__init__(self, model)
+        self.model = model
+        if share is not None:
+            self._share(share, params, loss_fn, reduction, fallback_chunk_size, compile_kernels)
+            return
+        self._reduction: Reduction = get_reduction(reduction)
+        self._selection = select_parameters(model, params)
+        # the one-sample probe of the model, once per input signature (re-validated every pass)
+        self._routing_cache = RoutingCache()
+        self._default_loss = loss_fn is None
+        self.loss_fn: LossFn = cross_entropy_per_sample if loss_fn is None else loss_fn
+        self.loss_name = "cross_entropy" if loss_fn is None else _callable_name(loss_fn)
+        if isinstance(fallback_chunk_size, bool) or not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
+            raise ValueError(f"fallback_chunk_size must be a positive int, got {fallback_chunk_size!r}")
+        self.fallback_chunk_size = fallback_chunk_size
+        if not isinstance(compile_kernels, bool):
+            raise TypeError(f"compile_kernels must be a bool, got {compile_kernels!r}")
+        self.compile_kernels = compile_kernels
+        self._kernels = CompiledKernels()
+        if params is None:
+            self._warn_default_fallback()
+
+    def _share(self, other, params, loss_fn, reduction, fallback_chunk_size, compile_kernels) -> None:
+        if not isinstance(other, ParameterSpaceAttribution):
+            raise TypeError(f"share must be a ParameterSaliency or similar, got {type(other).__name__}")
+        if other.model is not self.model:
+            raise ValueError("share= must be a method of the same model")
+        given = dict(params=params, loss_fn=loss_fn, fallback_chunk_size=fallback_chunk_size != 16,
+                     reduction=reduction != "mean_abs", compile_kernels=compile_kernels)
+        clashing = [name for name, value in given.items() if value not in (None, False)]
+        if clashing:
+            raise ValueError(f"with share=, {', '.join(clashing)} come from the shared method; leave them out")
+        for attr in ("_reduction", "_selection", "_routing_cache", "_default_loss", "loss_fn", "loss_name",
+                     "fallback_chunk_size", "compile_kernels", "_kernels"):
+            setattr(self, attr, getattr(other, attr))
+
+    def _warn_default_fallback(self) -> None:
+        """The default selection holds only layers the registry knows; where a rule still
+        does not cover one (a subclass that overrides ``forward``), say so once."""
+        slow = [(p.name, why) for p in self._selection.params if (why := p.why_no_rule()) is not None]
+        if slow:
+            shown = "; ".join(f"{name}: {why}" for name, why in slow[:3]) + ("; ..." if len(slow) > 3 else "")
+            warnings.warn(
+                f"{len(slow)} default-selected parameter(s) have no per-layer rule and go to the exact but slower "
+                f"torch.func fallback ({shown}); see .routing(inputs)",
+                UserWarning,
+                stacklevel=outside_stacklevel(),
+            )
+
+    @property
+    def layout(self) -> SaliencyLayout:
+        """The columns of a profile: one entry per selected parameter, in model order."""
+        return self._selection.layout
+
+    @property
+    def reduction(self) -> str:
+        """The reduction's name (``"mean_abs"``, ``"mean"`` or ``"rms"``)."""
+        return self._reduction.name
+
+    @property
+    def value_label(self) -> str:
+        """What the raw values are, for axes and tables (e.g. ``"mean |grad|"``)."""
+        return self._reduction.label
+
+    def _device(self) -> torch.device:
+        return model_device([p.param for p in self._selection.params])
+
+    def _prepare(
+        self, inputs: TensorOrTupleOfTensors, target: TargetType, additional_forward_args: Any,
+        internal_batch_size: Optional[int],
+    ) -> PreparedBatch:
+        """Captum's conventions, checked: tuple in, one label per sample, inputs on the
+        model's device, a positive ``internal_batch_size``; autograd available."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{type(self).__name__} needs autograd, which torch.inference_mode() disables; "
+                "call it outside inference_mode (torch.no_grad() is fine)"
+            )
+        inputs_tuple, is_tuple = format_inputs(inputs)
+        extra = format_additional_args(additional_forward_args)
+        check_internal_batch_size(internal_batch_size)
+        device = self._device()
+        check_device(inputs_tuple, extra, device)
+        labels = normalize_target(target, inputs_tuple[0].shape[0], device)
+        return PreparedBatch(inputs_tuple, extra, labels, is_tuple)
+
+    def _passes(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Iterator[SaliencyPass]:
+        """One :class:`SaliencyPass` per chunk of samples. Call it inside
+        ``evaluation_mode(self.model)``: the probe runs on the first chunk."""
+        batch, extra = prepared.batch, prepared.additional_forward_args
+        routing = self._routing_cache.routing(self.model, self._selection, prepared.inputs, extra)
+        policy = KernelPolicy.for_device(self._device(), self.compile_kernels, self._kernels)
+        step = internal_batch_size or batch
+        for start in range(0, batch, step):
+            stop = min(start + step, batch)
+            labels = None if prepared.labels is None else prepared.labels[start:stop]
+            yield SaliencyPass(
+                self.model, self._selection, routing,
+                slice_batch(prepared.inputs, batch, start, stop), slice_batch(extra, batch, start, stop),
+                label_resolver(labels, self._default_loss), self.loss_fn, self._reduction, policy,
+                self.fallback_chunk_size,
+            )
+
+    def routing(self, inputs: TensorOrTupleOfTensors, additional_forward_args: Any = None) -> RoutingReport:
+        """For each selected parameter, which rule computes it or why the fallback does.
+
+        Runs the same one-sample probe as :meth:`attribute` on the first sample of
+        ``inputs`` (the route can depend on the input's shape). Print the result for a
+        table.
+
+        Examples::
+
+            >>> print(ps.routing(images))
+            parameter        module   route       reason
+            conv1.weight     Conv2d   rule: conv
+            ...
+        """
+        prepared = self._prepare(inputs, None, additional_forward_args, None)
+        with evaluation_mode(self.model):
+            routing = self._routing_cache.routing(
+                self.model, self._selection, prepared.inputs, prepared.additional_forward_args
+            )
+        return routing_report(self._selection, routing)
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+
+def _callable_name(fn: Callable) -> str:
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}" if module else name
