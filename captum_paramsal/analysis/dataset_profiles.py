@@ -65,7 +65,13 @@ class DatasetProfiles:
     def by_layer(self, standardized: bool = True) -> List[Tuple[str, int, Optional[float], Optional[float]]]:
         """Per parameter, in network order: ``(name, units, mean over its units of the correct
         samples' mean profile, the same for the misclassified samples)``; ``None`` for an empty
-        group. ``standardized=False`` (or profiles without statistics) uses the raw profiles."""
+        group. ``standardized=False`` (or profiles without statistics) uses the raw profiles.
+
+        Examples::
+
+            >>> result.by_layer()[0]
+            ('conv1.weight', 64, -0.12, 0.87)
+        """
         correct, wrong = self._pair(standardized)
         rows = []
         for entry in self.layout:
@@ -84,7 +90,12 @@ class DatasetProfiles:
 
     def to_markdown(self, standardized: bool = True) -> str:
         """A per-layer table: layer, units, mean z of the correct and of the misclassified
-        samples (raw saliency instead when ``standardized=False`` or without statistics)."""
+        samples (raw saliency instead when ``standardized=False`` or without statistics).
+
+        Examples::
+
+            >>> print(result.to_markdown())
+        """
         use_z = standardized and self.standardized
         what = "mean z" if use_z else "mean saliency"
         fmt = "{:+.3f}" if use_z else "{:.4g}"
@@ -98,7 +109,7 @@ class DatasetProfiles:
             lines.append(f"| {name} | {units} | {cells[0]} | {cells[1]} |")
         return "\n".join(lines)
 
-    def plot(self, axes: Optional[Sequence[Any]] = None, max_layer_labels: int = 40):
+    def plot(self, axes: Optional[Sequence[Any]] = None, max_layer_labels: int = 40) -> Any:
         """The paper's figure: the mean profile of the correct and of the misclassified samples,
         units in network order (column order of :attr:`layout`), layer boundaries as vertical
         lines and layer names as ticks at each layer's centre.
@@ -113,6 +124,10 @@ class DatasetProfiles:
 
         Returns:
             the matplotlib ``Figure`` (``fig.savefig(path)`` writes it to a file).
+
+        Examples::
+
+            >>> result.plot().savefig("mean_profiles.png")
         """
         panels = [("raw", self.mean_raw_correct, self.mean_raw_misclassified, "mean saliency (mean |grad|)")]
         if self.standardized:
@@ -158,7 +173,7 @@ class DatasetProfiles:
 
 
 def dataset_profiles(
-    ps,
+    ps: ParameterSaliency,
     data: Iterable,
     progress: bool = True,
     max_samples: Optional[int] = None,
@@ -248,7 +263,14 @@ def dataset_profiles(
 
 def predict(model: nn.Module, inputs: Tuple[Tensor, ...], require: bool) -> Optional[Tensor]:
     """Argmax of ``model(*inputs)`` in eval mode without gradients; None (or, with ``require``,
-    an error) when the output is not ``(batch, classes)`` logits."""
+    an error) when the output is not ``(batch, classes)`` logits.
+
+    Each submodule's training flag is restored afterwards.
+
+    Examples::
+
+        >>> predict(model, (images,), require=True)       # (B,) predicted classes
+    """
     with torch.no_grad(), evaluation_mode(model):
         output = model(*inputs)
     batch = inputs[0].shape[0]
@@ -264,6 +286,12 @@ def predict(model: nn.Module, inputs: Tuple[Tensor, ...], require: bool) -> Opti
 
 def device_of(ps: ParameterSaliency) -> torch.device:
     """Where ``ps``'s inputs must be: the device of its selected parameters (the saliency's own
-    device check compares inputs with it)."""
+    device check compares inputs with it).
+
+    Examples::
+
+        >>> device_of(ParameterSaliency(model.cuda()))
+        device(type='cuda', index=0)
+    """
     params = dict(ps.model.named_parameters(remove_duplicate=False))
     return params[ps.layout[0].name].device

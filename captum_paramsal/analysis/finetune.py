@@ -6,21 +6,40 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import evaluation_mode
-from ..interventions import Unit, resolve_units, unit_entries
+from ..interventions import swapped_parameters, unit_entries
 from ..per_sample.selection import select_parameters
+from ..units import Units, resolve_units
+
+if TYPE_CHECKING:
+    from .._core.parameter_saliency import ParameterSaliency
 
 
 @dataclass
 class FineTuneResult:
     """What :func:`finetune_salient` changed: ``delta[name]`` is the new value minus the old,
-    zero outside the chosen units; ``corrected`` whether the sample ended up classified right."""
+    zero outside the chosen units; ``corrected`` whether the sample ended up classified right.
+
+    Attributes:
+        delta (dict): ``{parameter name: new value - old value}``, one entry per updated parameter.
+        units (list): the updated units, ``(parameter name, unit index)`` pairs.
+        steps (int): gradient steps taken.
+        corrected (bool): whether the sample is classified correctly after them.
+
+    Examples::
+
+        >>> result = finetune_salient(model, ps, images[3:4], labels[3], k=25)
+        >>> result.units[:2]
+        [('layer4.1.conv2.weight', 97), ('fc.weight', 3)]
+        >>> with result.applied(model):
+        ...     fixed = model(images).argmax(1)
+    """
 
     delta: Dict[str, Tensor]
     units: List[Tuple[str, int]]
@@ -29,25 +48,41 @@ class FineTuneResult:
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
-        """The fine-tuned model inside the block: ``delta`` added, the exact old values back on exit."""
+        """The fine-tuned model inside the block (``delta`` added); on exit, also on error, the
+        exact old values.
+
+        Runs on :func:`~captum_paramsal.interventions.swapped_parameters`: each changed
+        parameter shows ``old + delta`` (computed in the parameter's dtype), and gets its own
+        untouched storage back on exit; ``requires_grad`` and ``.grad`` are never touched.
+
+        Raises:
+            ValueError: ``model`` has no parameter of that name, or one of another shape
+                (the change belongs to another model).
+
+        Examples::
+
+            >>> with result.applied(model) as tuned:
+            ...     tuned(images).argmax(1)
+        """
         params = dict(model.named_parameters())
         missing = [name for name in self.delta if name not in params]
         if missing:
             raise ValueError(f"the model has no parameter {missing[0]!r}: this change belongs to another model")
-        saved = []
-        try:
-            with torch.no_grad():
-                for name, change in self.delta.items():
-                    saved.append((params[name], params[name].detach().clone()))
-                    params[name].add_(change.to(params[name]))
+        for name, change in self.delta.items():
+            if change.shape != params[name].shape:
+                raise ValueError(
+                    f"the change of {name!r} has shape {tuple(change.shape)} but the model's parameter has "
+                    f"{tuple(params[name].shape)}: this change belongs to another model"
+                )
+        with torch.no_grad():
+            values = {name: params[name].detach() + change.to(params[name]) for name, change in self.delta.items()}
+        with swapped_parameters(model, values):
             yield model
-        finally:
-            with torch.no_grad():
-                for param, original in reversed(saved):
-                    param.copy_(original)
 
 
-def _top_units(ps, x: Tensor, y: Tensor, k: int) -> List[Tuple[str, int]]:
+def _top_units(ps: ParameterSaliency, x: Tensor, y: Tensor, k: int) -> List[Tuple[str, int]]:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
     z = ps.attribute(x, target=y)[0]
     if k > z.shape[0]:
         raise ValueError(f"k={k} is larger than the number of units ({z.shape[0]})")
@@ -56,13 +91,13 @@ def _top_units(ps, x: Tensor, y: Tensor, k: int) -> List[Tuple[str, int]]:
 
 def finetune_salient(
     model: nn.Module,
-    ps,
+    ps: ParameterSaliency,
     x: Tensor,
-    y: Tensor,
+    y: Union[int, Tensor],
     k: int = 25,
     lr: float = 1e-3,
     max_steps: int = 100,
-    units: Optional[Sequence[Unit]] = None,
+    units: Optional[Units] = None,
 ) -> FineTuneResult:
     """Update only the top-``k`` salient units of one misclassified sample until it is
     classified correctly (SPEC §4); the model itself is left exactly as it was.
@@ -72,10 +107,16 @@ def finetune_salient(
     mode, stopping as soon as the prediction is ``y`` or after ``max_steps``.
 
     Args:
+        model: the network ``ps`` explains; it is never changed (a copy is trained).
+        ps: a :class:`~captum_paramsal.ParameterSaliency` of ``model``.
         x: one sample, with its batch dimension (``(1, ...)``).
         y: its true label (an int or a one-element tensor).
+        k: how many of the most salient units to update.
+        lr: the step size.
+        max_steps: at most this many steps.
         units: the units to update instead of the top-``k`` by ``ps``'s (standardized)
-            saliency at the true label.
+            saliency at the true label, in any form of :mod:`captum_paramsal.units`
+            (columns are read in ``ps.layout``).
 
     Returns:
         :class:`FineTuneResult`; ``with result.applied(model): ...`` runs the fine-tuned model.
@@ -102,10 +143,10 @@ def finetune_salient(
     x, y = x.to(device), y.to(device)
     if units is None:
         chosen = _top_units(ps, x, y, k)
+        wanted = resolve_units(model, chosen)
     else:
         wanted = resolve_units(model, units, ps.layout)
         chosen = [(name, i) for name, indices in wanted.items() for i in indices]
-    wanted = resolve_units(model, chosen)
 
     work = copy.deepcopy(model).eval()
     selection = select_parameters(work, list(wanted))
@@ -136,7 +177,25 @@ def finetune_salient(
 @dataclass
 class NeighbourCorrection:
     """Per fine-tuned sample: the fraction of its ``m`` saliency-space neighbours (other
-    misclassified samples) that the fine-tuning corrected, against ``m`` random ones."""
+    misclassified samples) that the fine-tuning corrected, against ``m`` random ones.
+
+    Built by :func:`neighbour_correction`.
+
+    Attributes:
+        records (list): one dict per fine-tuned sample: ``"sample"`` (its index in the inputs),
+            ``"self_corrected"``, ``"steps"``, ``"neighbours_corrected"`` and
+            ``"random_corrected"`` (fractions of its ``m`` neighbours / random samples).
+        m, k (int): neighbours per sample; units fine-tuned per sample.
+        num_misclassified (int): misclassified samples among the inputs.
+        summary (dict): the averages over the samples the fine-tuning corrected.
+
+    Examples::
+
+        >>> result = neighbour_correction(model, ps, images, labels, k=25, m=5)
+        >>> result.summary["neighbours_corrected"], result.summary["random_corrected"]
+        (0.36, 0.08)
+        >>> print(result.to_markdown())
+    """
 
     records: List[Dict[str, Any]]
     m: int
@@ -155,6 +214,7 @@ class NeighbourCorrection:
         }
 
     def to_markdown(self) -> str:
+        """:attr:`summary` as a one-row markdown table."""
         s = self.summary
         return "\n".join([
             "| misclassified samples | fine-tuned until correct | neighbours corrected | random samples corrected |",
@@ -166,7 +226,7 @@ class NeighbourCorrection:
 
 def neighbour_correction(
     model: nn.Module,
-    ps,
+    ps: ParameterSaliency,
     inputs: Tensor,
     labels: Tensor,
     k: int = 25,
@@ -181,8 +241,33 @@ def neighbour_correction(
     other misclassified samples (cosine of standardized profiles at the true label) are now
     classified correctly, against ``m`` random other misclassified samples (SPEC §4).
 
-    Averages are over the samples the fine-tuning corrected. ``max_samples`` caps how many
-    misclassified samples are fine-tuned (all of them still serve as neighbours).
+    Averages are over the samples the fine-tuning corrected. The model is left exactly as it
+    was (each fine-tuning runs on a copy and is shown to the model only through
+    :meth:`FineTuneResult.applied`).
+
+    Args:
+        model: the network ``ps`` explains.
+        ps: a :class:`~captum_paramsal.ParameterSaliency` of ``model``.
+        inputs, labels: a batch and its true labels (``(N,)``).
+        k: units fine-tuned per sample.
+        m: neighbours (and random samples) per sample.
+        seed: seeds the random samples.
+        lr, max_steps: as in :func:`finetune_salient`.
+        max_samples: caps how many misclassified samples are fine-tuned (all of them still
+            serve as neighbours).
+
+    Returns:
+        :class:`NeighbourCorrection`.
+
+    Raises:
+        ValueError: labels that do not match the inputs, fewer than ``m + 1`` misclassified
+            samples, or ``ps`` of another model.
+
+    Examples::
+
+        >>> from captum_paramsal.analysis import neighbour_correction
+        >>> result = neighbour_correction(model, ps, images, labels, k=25, m=5, max_samples=50)
+        >>> print(result.to_markdown())
     """
     if not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")

@@ -5,7 +5,7 @@ true / predicted class pair."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,9 @@ from torch import Tensor
 from ..data import labelled_batches
 from ..layout import SaliencyLayout
 from .dataset_profiles import device_of, predict
+
+if TYPE_CHECKING:
+    from .._core.parameter_saliency import ParameterSaliency
 
 BACKENDS = ("torch", "faiss")
 #: The torch backend's similarity block (queries x set) holds at most this many entries
@@ -116,7 +119,7 @@ class SaliencyIndex:
     @classmethod
     def from_saliency(
         cls,
-        ps,
+        ps: ParameterSaliency,
         data: Iterable,
         progress: bool = True,
         max_samples: Optional[int] = None,
@@ -151,6 +154,13 @@ class SaliencyIndex:
         Raises:
             ValueError: ``standardize=True`` while ``ps.stats`` is None, a malformed batch,
                 or no samples.
+
+        Examples::
+
+            >>> ps.stats = ps.fit_stats(val_loader)
+            >>> index = SaliencyIndex.from_saliency(ps, val_loader, max_samples=5000)
+            >>> len(index), index.labels.shape
+            (5000, torch.Size([5000]))
         """
         stats = ps.stats
         if standardize and stats is None:
@@ -192,7 +202,13 @@ class SaliencyIndex:
 
     @property
     def num_units(self) -> int:
-        """``F``, the width of a profile."""
+        """``F``, the width of a profile.
+
+        Examples::
+
+            >>> index.num_units == ps.layout.num_columns
+            True
+        """
         return self.profiles.shape[1]
 
     def search(self, queries: Any, m: int, exclude: Optional[Any] = None) -> Tuple[Tensor, Tensor]:
@@ -215,6 +231,12 @@ class SaliencyIndex:
         Raises:
             ValueError: queries that are not ``(Q, F)``, contain NaN/inf, an ``m`` out of
                 range, or malformed ``exclude``.
+
+        Examples::
+
+            >>> sims, idx = index.search(ps.attribute(images, target=labels), m=5)
+            >>> sims.shape, idx.shape
+            (torch.Size([8, 5]), torch.Size([8, 5]))
         """
         if not isinstance(queries, Tensor):
             try:
@@ -240,7 +262,13 @@ class SaliencyIndex:
     def neighbours(self, i: int, m: int) -> Tuple[Tensor, Tensor]:
         """Sample ``i``'s ``m`` nearest other samples: ``(similarities (m,), indices (m,))``,
         most similar first; ``1 <= m < N``. The sample itself is excluded by index (an exact
-        duplicate of it elsewhere in the index is still a neighbour)."""
+        duplicate of it elsewhere in the index is still a neighbour).
+
+        Examples::
+
+            >>> sims, idx = index.neighbours(17, m=5)
+            >>> index.labels[idx]                 # the classes of sample 17's neighbours
+        """
         if not isinstance(i, int) or isinstance(i, bool) or not -len(self) <= i < len(self):
             raise IndexError(f"sample {i!r} is out of range for an index of {len(self)} samples")
         i = i % len(self)
@@ -249,13 +277,26 @@ class SaliencyIndex:
 
     def neighbours_of_all(self, m: int) -> Tuple[Tensor, Tensor]:
         """Every sample's ``m`` nearest other samples: ``(similarities (N, m), indices (N, m))``,
-        row ``i`` for sample ``i``, itself excluded; ``1 <= m < N``."""
+        row ``i`` for sample ``i``, itself excluded; ``1 <= m < N``.
+
+        Examples::
+
+            >>> sims, idx = index.neighbours_of_all(5)
+            >>> idx.shape
+            torch.Size([5000, 5])
+        """
         self._check_m(m, len(self) - 1, " minus the sample itself")
         return self.search(self.profiles, m, exclude=torch.arange(len(self)))
 
     def subset(self, selection: IndexLike) -> SaliencyIndex:
         """A new index over some samples only (a boolean mask ``(N,)`` or integer indices), same
-        backend; its sample ``j`` is the ``j``-th selected one. Labels and predictions follow."""
+        backend; its sample ``j`` is the ``j``-th selected one. Labels and predictions follow.
+
+        Examples::
+
+            >>> wrong = index.subset(index.labels != index.predictions)   # misclassified only
+            >>> first = index.subset(range(100))
+        """
         rows = _selection_indices(selection, len(self), "selection")
         if rows.numel() == 0:
             raise ValueError("selection is empty: an index needs at least one sample")
@@ -374,7 +415,12 @@ class SemanticAgreement:
     num_samples: int
 
     def to_markdown(self) -> str:
-        """A table: measure, agreement among the ``m`` neighbours, chance level, their ratio."""
+        """A table: measure, agreement among the ``m`` neighbours, chance level, their ratio.
+
+        Examples::
+
+            >>> print(semantic_agreement(index, m=5).to_markdown())
+        """
 
         def ratio(value: float, chance: float) -> str:
             return f"{value / chance:.1f}×" if chance > 0 else "—"

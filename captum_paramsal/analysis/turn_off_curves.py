@@ -4,13 +4,16 @@ units correct it, far more often than random or least salient units?"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .._utils import evaluation_mode
 from ..interventions import turn_off
+
+if TYPE_CHECKING:
+    from .._core.parameter_saliency import ParameterSaliency
 
 MODES = ("salient", "random", "least")
 
@@ -20,7 +23,23 @@ class PruningResult:
     """Per (k, mode): the fraction of misclassified samples corrected and the mean changes of the
     true class's and the wrongly predicted class's probability.
 
-    ``records`` holds one row per (sample, k, mode); ``table`` the aggregated rows.
+    Built by :func:`pruning_curves`.
+
+    Attributes:
+        records (list): one dict per (sample, k, mode): ``"sample"``, ``"k"``, ``"mode"``,
+            ``"corrected"``, ``"delta_true_prob"``, ``"delta_wrong_prob"``.
+        ks, modes: the numbers of units and the modes, as run.
+        num_misclassified, num_samples (int): misclassified samples; all samples.
+        table (list): the aggregated rows, one dict per (k, mode): ``"samples"``,
+            ``"fraction_corrected"``, ``"mean_delta_true_prob"``, ``"mean_delta_wrong_prob"``.
+
+    Examples::
+
+        >>> result = pruning_curves(model, ps, images, labels, ks=(1, 10, 50))
+        >>> result.row(10, "salient")["fraction_corrected"]
+        0.62
+        >>> print(result.to_markdown())
+        >>> result.plot().savefig("pruning.png")
     """
 
     records: List[Dict[str, Any]]
@@ -46,6 +65,7 @@ class PruningResult:
                 })
 
     def row(self, k: int, mode: str) -> Dict[str, Any]:
+        """The :attr:`table` row of ``k`` units turned off in ``mode``; a KeyError if not run."""
         for r in self.table:
             if r["k"] == k and r["mode"] == mode:
                 return r
@@ -54,7 +74,7 @@ class PruningResult:
     #: column titles of :meth:`formatted_rows`
     COLUMNS = ("k", "units turned off", "corrected", "mean Δ p(true class)", "mean Δ p(predicted wrong class)")
 
-    def formatted_rows(self) -> List[tuple]:
+    def formatted_rows(self) -> List[Tuple[str, ...]]:
         """:attr:`table` as display strings, one tuple per row, in :attr:`COLUMNS` order."""
         return [
             (str(r["k"]), r["mode"], f"{r['fraction_corrected']:.1%}",
@@ -63,12 +83,20 @@ class PruningResult:
         ]
 
     def to_markdown(self) -> str:
+        """:attr:`table` as a markdown table with the :attr:`COLUMNS` titles."""
         lines = ["| " + " | ".join(self.COLUMNS) + " |", "|---:|---|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.formatted_rows()]
         return "\n".join(lines)
 
-    def plot(self, ax: Optional[Any] = None):
-        """Fraction corrected and mean probability changes against k, one line per mode."""
+    def plot(self, ax: Optional[Any] = None) -> Any:
+        """Fraction corrected and mean probability changes against k, one line per mode.
+
+        Args:
+            ax: three matplotlib axes to draw into; default: a new pyplot figure.
+
+        Returns:
+            the matplotlib ``Figure``.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -109,7 +137,7 @@ def _check_ks(ks: Sequence[int], num_units: int) -> List[int]:
 
 def pruning_curves(
     model: nn.Module,
-    ps,
+    ps: ParameterSaliency,
     inputs: Tensor,
     labels: Tensor,
     ks: Sequence[int] = (1, 5, 10, 25, 50),
@@ -131,6 +159,23 @@ def pruning_curves(
         ks: numbers of units to turn off.
         modes: any of ``"salient"``, ``"random"``, ``"least"``.
         seed: seeds the random units (one draw per sample and k).
+        internal_batch_size: as in :meth:`ParameterSaliency.attribute`, bounds memory.
+
+    Returns:
+        :class:`PruningResult`.
+
+    Raises:
+        ValueError: ``ps`` of another model, unknown modes, ks that are not positive ints or
+            exceed the number of units, labels that do not match, or no misclassified sample.
+
+    Examples::
+
+        >>> from captum_paramsal import ParameterSaliency
+        >>> from captum_paramsal.analysis import pruning_curves
+        >>> ps = ParameterSaliency(model)
+        >>> ps.stats = ps.fit_stats(val_loader)
+        >>> result = pruning_curves(model, ps, images, labels, ks=(1, 5, 25))
+        >>> print(result.to_markdown())
     """
     if ps.model is not model:
         raise ValueError("ps must be a ParameterSaliency of this model")
