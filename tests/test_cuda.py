@@ -26,7 +26,7 @@ def batch():
     return torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (2,), generator=g)
 
 
-@pytest.mark.parametrize("reduction", ["mean_abs", "mean"])
+@pytest.mark.parametrize("reduction", ["mean_abs", "mean", "rms"])
 def test_resnet18_cuda_matches_naive_on_cpu(reduction):
     x, y = batch()
     cpu_model = resnet18()
@@ -91,6 +91,9 @@ def test_resnet18_cuda_compiled_kernels_match_naive_on_cpu():
     expected = naive_unit_saliency(resnet18(), (x,), y, default_param_names(resnet18()))
     ps = ParameterSaliency(resnet18().cuda(), compile_kernels=True)
     got = ps.attribute(x.cuda(), target=y.cuda()).cpu()
+    # the kernel ran (a silent fall back to eager would pass the comparisons below)
+    assert not ps._kernels.failed, ps._kernels.failed
+    assert ps._kernels.runs["low_rank_abs_mean"] > 0
     assert rel_err(got, expected) < 1e-5
     worst, name = blockwise_rel_err(got, expected, ps.layout)
     assert worst < 1e-5, f"{name}: relative error {worst:.3e}"
