@@ -276,7 +276,8 @@ def test_the_routing_report_names_each_reason():
     assert reasons["head.weight"] == reasons["head.bias"] == ""
     text = str(report)
     assert text.splitlines()[0].split() == ["parameter", "module", "route", "reason"]
-    assert "rule: linear" in text and "fallback" in text and text.endswith("2 of 5 parameters by rules, 3 by the fallback")
+    assert "rule: linear" in text and "fallback" in text
+    assert text.endswith("2 of 5 parameters by rules, 3 by the fallback")
     assert report.to_markdown().count("\n") == len(names) + 1
     got = ps.attribute(tokens, target=y)
     assert rel_err(got, naive_unit_saliency(model, (tokens,), y, names)) < 1e-10
@@ -324,3 +325,22 @@ def test_dense_grad_rule_in_a_registered_scale_layer():
                                                                     reduction="rms")) < 1e-10
     finally:
         del registry._RULES[Scale]
+
+
+def test_input_saliency_takes_units_in_every_form():
+    """Columns, (name, index) pairs, UnitScores (a profile's top_k), per sample or shared,
+    a (B, k) tensor of columns: the same units give the same attribution."""
+    torch.manual_seed(0)
+    model = ConvNet().double().eval()
+    x, y = torch.randn(2, 3, 6, 6, dtype=torch.float64), _labels(2, 5)
+    ps = ParameterSaliency(model)
+    pgis = ParameterGuidedInputSaliency.from_parameter_saliency(ps, k=2)
+    top = ps.profile(x, target=y).top_k(2)  # per sample: [UnitScore, UnitScore]
+    columns = [[score.column for score in row] for row in top]
+    pairs = [[(score.param, score.unit) for score in row] for row in top]
+    reference = pgis.attribute(x, target=y, units=columns)
+    assert rel_err(reference, pgis.attribute(x, target=y)) < 1e-12  # the top 2 are the default
+    for units in (pairs, top, torch.tensor(columns)):
+        assert rel_err(pgis.attribute(x, target=y, units=units), reference) < 1e-12
+    shared = pgis.attribute(x, target=y, units=top[0])
+    assert rel_err(shared, pgis.attribute(x, target=y, units=[columns[0]] * 2)) < 1e-12

@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..per_sample.second_order import weighted_saliency_input_grads
+from ..saliency_profile import UnitScore
 from ..stats import SaliencyStats
+from ..units import iter_units, resolve_columns
 from .parameter_saliency import ParameterSaliency
 from .parameter_space_attribution import ParameterSpaceAttribution
 
@@ -153,21 +155,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         return mask
 
     def _columns(self, chosen: Sequence[Any]) -> list:
-        layout = self.layout
-        columns = []
-        for unit in chosen:
-            if isinstance(unit, (tuple, list)) and len(unit) == 2 and isinstance(unit[0], str):
-                if unit[0] not in layout:
-                    raise ValueError(f"unit {tuple(unit)}: no parameter {unit[0]!r} in the layout")
-                try:
-                    columns.append(layout.column(unit[0], int(unit[1])))
-                except IndexError as error:
-                    raise ValueError(f"unit {tuple(unit)} is out of range: {error}") from None
-            else:
-                column = int(unit)
-                if not 0 <= column < layout.num_columns:
-                    raise ValueError(f"unit column {column} is out of range (0..{layout.num_columns - 1})")
-                columns.append(column)
+        columns = resolve_columns(chosen, self.layout)
         if not columns:
             raise ValueError("units is empty: give at least one unit to boost")
         return columns
@@ -190,7 +178,8 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
             target: labels for the loss (int, list or tensor); None = predicted class.
             units: boost these units instead of each sample's top ``k``: one
                 collection for all samples, or one per sample; a unit is a layout
-                column (int) or a ``(parameter name, unit index)`` pair.
+                column (int), a ``(parameter name, unit index)`` pair or a
+                :class:`~captum_paramsal.UnitScore` (:mod:`captum_paramsal.units`).
             random_units: boost ``k`` random units per sample (the paper's baseline).
             seed: seed for ``random_units``.
             additional_forward_args, internal_batch_size: as in
@@ -236,17 +225,24 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
 
 
 def _units_per_sample(units: UnitsType, batch: int) -> list:
-    """``units`` as one list of units per sample (one shared list is repeated)."""
-    if isinstance(units, Tensor):
-        units = units.tolist()
-    if isinstance(units, (int, str)) or (isinstance(units, tuple) and len(units) == 2 and isinstance(units[0], str)):
-        units = [units]
-    units = list(units)
-    nested = len(units) > 0 and all(
-        isinstance(u, (list, tuple)) and not (len(u) == 2 and isinstance(u[0], str)) for u in units
-    )
+    """``units`` as one list of units per sample (one shared list is repeated): a collection
+    of collections is one per sample, anything else (one unit, or a collection of units in
+    any of :mod:`captum_paramsal.units`' forms) is shared by all samples."""
+    if isinstance(units, Tensor) and units.dim() == 2:  # (B, k) columns, e.g. from topk
+        units = list(units)
+    shared = list(iter_units(units))
+    nested = len(shared) > 0 and all(_is_collection_of_units(u) for u in shared)
     if nested:
-        if len(units) != batch:
-            raise ValueError(f"units gives {len(units)} lists for {batch} samples; give one per sample or one for all")
-        return [list(u) for u in units]
-    return [units] * batch
+        if len(shared) != batch:
+            raise ValueError(f"units gives {len(shared)} lists for {batch} samples; give one per sample or one for all")
+        return [list(iter_units(u)) for u in shared]
+    return [shared] * batch
+
+
+def _is_collection_of_units(value: Any) -> bool:
+    """A list, tuple or 1-d tensor that is not itself one unit (a pair, a UnitScore)."""
+    if isinstance(value, Tensor):
+        return value.dim() == 1
+    if not isinstance(value, (list, tuple)) or isinstance(value, UnitScore):
+        return False
+    return not (len(value) == 2 and isinstance(value[0], str))

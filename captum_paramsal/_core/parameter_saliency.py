@@ -8,7 +8,8 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode, format_inputs, split_labelled_batch
+from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode, format_inputs
+from ..data import labelled_batches
 from ..per_sample import unit_saliency
 from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint
@@ -211,40 +212,22 @@ class ParameterSaliency(ParameterSpaceAttribution):
             set :attr:`stats`; assign it to standardize.
         """
         import torch.distributed as dist
-        from tqdm.auto import tqdm
 
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-            raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
         distributed = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         if shard is None:
             shard = distributed and not _has_distributed_sampler(data)
+        batches = labelled_batches(
+            data,
+            device=self._device(),
+            max_samples=max_samples,
+            shard=(dist.get_rank(), dist.get_world_size()) if shard and distributed else None,
+            progress=progress,
+            desc="saliency statistics",
+            class_labels=self._default_loss,
+        )
         stats = SaliencyStats.empty(self.layout, self.reduction, self.loss_name)
-        device = self._device()
-        total = max_samples
-        if total is None and not distributed and hasattr(getattr(data, "dataset", None), "__len__"):
-            total = len(data.dataset)
-        bar = tqdm(total=total, disable=not progress or rank != 0, unit="sample", desc="saliency statistics")
-        seen = 0
-        try:
-            for index, batch in enumerate(data):
-                if shard and index % world != rank:
-                    continue
-                inputs, labels = split_labelled_batch(batch, index)
-                inputs_tuple, _ = format_inputs(inputs)
-                inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
-                labels = labels.to(device) if isinstance(labels, Tensor) else labels
-                if max_samples is not None and seen + inputs_tuple[0].shape[0] > max_samples:
-                    keep = max_samples - seen
-                    inputs_tuple = tuple(x[:keep] for x in inputs_tuple)
-                    labels = labels[:keep]
-                stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
-                seen += inputs_tuple[0].shape[0]
-                bar.update(inputs_tuple[0].shape[0])
-                if max_samples is not None and seen >= max_samples:
-                    break
-        finally:
-            bar.close()
+        for inputs_tuple, labels in batches:
+            stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
         if distributed:
             stats = stats.all_reduce()
         if stats.count == 0:
