@@ -4,10 +4,21 @@
 * :class:`SampleTargetedPruning` is the algorithm: one sample's sparse network, as a context.
 * :mod:`.solver` holds the OBS / SparseGPT-style layer solver, :mod:`.second_moments` the
   per-layer ``X Xᵀ`` hooks, :mod:`.augment` the calibration views.
+
+Layers are named by their weight parameter (``"fc1.weight"``), as everywhere in the library;
+the weights are swapped with :func:`captum_paramsal.interventions.swapped_parameters`.
+
+Examples::
+
+    >>> from captum.attr import Saliency
+    >>> from captum_paramsal.spade import SPADE, SampleTargetedPruning
+    >>> attr = SPADE(Saliency(model), sparsity={"conv2.weight": 0.5, "fc1.weight": 0.9}).attribute(x, target=y)
+    >>> with SampleTargetedPruning(model, sparsity=0.9).pruned(x[:1]) as weights:
+    ...     sparse_logits = model(x[:1])
 """
 
 from .augment import DefaultAugmentation, augmented_batch
-from .sample_pruning import SampleTargetedPruning, swapped_weights
+from .sample_pruning import SampleTargetedPruning, prunable_weights
 from .solver import exact_reconstruction, sparsegpt_prune
 from .wrapper import SPADE, find_model
 
@@ -18,6 +29,6 @@ __all__ = [
     "augmented_batch",
     "exact_reconstruction",
     "find_model",
+    "prunable_weights",
     "sparsegpt_prune",
-    "swapped_weights",
 ]

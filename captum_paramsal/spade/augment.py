@@ -57,6 +57,13 @@ class DefaultAugmentation:
         )
 
     def __call__(self, sample: Tensor) -> Tensor:
+        """One random view of one ``(C, H, W)`` image, the same shape, within its value range.
+
+        Examples::
+
+            >>> DefaultAugmentation()(image).shape == image.shape
+            True
+        """
         from torchvision.transforms import v2
 
         if sample.dim() != 3:
@@ -97,6 +104,12 @@ def augmented_batch(
     fork of the CPU random state seeded with it, which leaves the global random state untouched
     and gives every sample the same random crops, flips and jitter (so one sample's explanation
     does not depend on the others in its batch). ``seed=None`` draws from the global state.
+
+    Examples::
+
+        >>> (batch,) = augmented_batch((image[None],), 16, seed=0)
+        >>> batch.shape                      # (16, C, H, W); batch[0] is the image itself
+        >>> pair = augmented_batch((x[:1], mask[:1]), 8, augment=lambda t: (t[0].flip(-1), t[1].flip(-1)))
     """
     if augment is None:
         if len(inputs) != 1:

@@ -9,7 +9,7 @@ weight's flattened ``(C_in/groups, kh, kw)``). A grouped convolution has one mom
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +54,25 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
 
 @dataclass
 class SecondMoment:
-    """``X Xᵀ`` per group, ``(G, C, C)``, and the number of rows of ``X`` it sums."""
+    """``X Xᵀ`` per group, ``(G, C, C)``, and the number of rows of ``X`` it sums.
+
+    Examples::
+
+        >>> moment = SecondMoment(torch.zeros(1, 4, 4))
+        >>> moment.matrix[0].addmm_(x.T, x); moment.rows += x.shape[0]     # x: (rows, 4)
+        >>> moment.hessian()                  # 2 X Xᵀ / rows
+    """
 
     matrix: Tensor
     rows: int = 0
 
     def hessian(self) -> Tensor:
-        """SparseGPT's ``H = 2 X Xᵀ / rows`` (the mean keeps float32 sums in range)."""
+        """SparseGPT's ``H = 2 X Xᵀ / rows`` (the mean keeps float32 sums in range).
+
+        Examples::
+
+            >>> collector.moments["fc.weight"].hessian().shape     # (1, in_features, in_features)
+        """
         return self.matrix * (2.0 / max(self.rows, 1))
 
 
@@ -68,28 +80,40 @@ class SecondMoment:
 class SecondMomentCollector:
     """Forward pre-hooks that accumulate :class:`SecondMoment` of the named layers.
 
-    Use as a context manager around forward passes; the hooks are removed on exit, also on error.
+    ``layers`` maps a name (SPADE uses the weight's parameter name) to a layer, or to several
+    layers that share one weight (a tied weight: their inputs add up in one moment; they must
+    agree in type and groups). Use as a context manager around forward passes; the hooks are
+    removed on exit, also on error.
 
     Examples::
 
-        >>> collector = SecondMomentCollector({"fc": model.fc})
+        >>> collector = SecondMomentCollector({"fc.weight": model.fc})
         >>> with collector, torch.no_grad():
         ...     model(calibration_batch)
-        >>> collector.moments["fc"].hessian().shape          # (1, in_features, in_features)
+        >>> collector.moments["fc.weight"].hessian().shape     # (1, in_features, in_features)
     """
 
-    layers: Dict[str, nn.Module]
+    layers: Dict[str, Union[nn.Module, Sequence[nn.Module]]]
     moments: Dict[str, SecondMoment] = field(default_factory=dict)
     _handles: List = field(default_factory=list)
 
     def __enter__(self) -> SecondMomentCollector:
-        for name, module in self.layers.items():
-            if not isinstance(module, SUPPORTED_TYPES):
-                raise TypeError(f"layer {name!r} ({type(module).__name__}) has no second-moment rule")
-            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        try:
+            for name, layers in self.layers.items():
+                group = [layers] if isinstance(layers, nn.Module) else list(layers)
+                for module in group:
+                    if not isinstance(module, SUPPORTED_TYPES):
+                        raise TypeError(f"layer {name!r} ({type(module).__name__}) has no second-moment rule")
+                if len({(type(m), groups_of(m), tuple(m.weight.shape)) for m in group}) > 1:
+                    raise TypeError(f"the layers of {name!r} differ in type, groups or weight shape")
+                for module in group:
+                    self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -103,7 +127,13 @@ class SecondMomentCollector:
         return hook
 
     def add(self, name: str, module: nn.Module, x: Tensor) -> None:
-        """Accumulate one input batch ``x`` of ``module``."""
+        """Accumulate one input batch ``x`` of ``module`` (what the hooks call).
+
+        Examples::
+
+            >>> collector = SecondMomentCollector({"fc.weight": model.fc})
+            >>> collector.add("fc.weight", model.fc, features)        # without hooks
+        """
         weight = module.weight
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         groups = groups_of(module)

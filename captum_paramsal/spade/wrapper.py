@@ -45,9 +45,12 @@ class SPADE(Attribution):
     Args:
         attribution: a Captum ``Attribution`` (or this library's ``ParameterSaliency`` /
             ``ParameterGuidedInputSaliency``).
-        sparsity, n_augmentations, augment, blocksize, percdamp, seed, calibration_batch_size,
+        sparsity, n_augmentations, augment, blocksize, percdamp, seed, internal_batch_size,
             refit: as in :class:`SampleTargetedPruning` (default sparsity 0.9 of every
-            Linear/Conv1d/Conv2d weight, 64 calibration rows, augmentations seeded with 0).
+            Linear/Conv1d/Conv2d weight, 64 calibration rows, augmentations seeded with 0; a
+            per-layer dict is keyed by weight parameter names, ``{"fc1.weight": 0.9}``).
+            ``internal_batch_size`` here bounds the calibration pass; one given to
+            :meth:`attribute` goes to the wrapped method, as any keyword argument.
         model: the ``nn.Module`` to prune, overriding the discovery above.
 
     Attributes:
@@ -66,7 +69,7 @@ class SPADE(Attribution):
         >>> cam = LayerAttribution.interpolate(cam, images.shape[-2:], interpolate_mode="bilinear")
         >>> # per-layer sparsity; a wrapped forward function needs model=
         >>> occ = SPADE(Occlusion(lambda x: model(x).softmax(1)), model=model,
-        ...             sparsity={"layer4.1.conv2": 0.95, "fc": 0.5})
+        ...             sparsity={"layer4.1.conv2.weight": 0.95, "fc.weight": 0.5})
         >>> occ.attribute(images, target=labels, sliding_window_shapes=(3, 8, 8), strides=4)
     """
 
@@ -80,7 +83,7 @@ class SPADE(Attribution):
         blocksize: int = 128,
         percdamp: float = 0.01,
         seed: Optional[int] = 0,
-        calibration_batch_size: Optional[int] = None,
+        internal_batch_size: Optional[int] = None,
         refit: bool = False,
     ) -> None:
         if not isinstance(attribution, Attribution):
@@ -98,16 +101,18 @@ class SPADE(Attribution):
             blocksize=blocksize,
             percdamp=percdamp,
             seed=seed,
-            calibration_batch_size=calibration_batch_size,
+            internal_batch_size=internal_batch_size,
             refit=refit,
         )
         Attribution.__init__(self, attribution.forward_func)
 
     @property
     def multiplies_by_inputs(self) -> bool:
+        """The wrapped method's ``multiplies_by_inputs``."""
         return self.attribution.multiplies_by_inputs
 
     def has_convergence_delta(self) -> bool:
+        """The wrapped method's ``has_convergence_delta()``."""
         return self.attribution.has_convergence_delta()
 
     @log_usage()
@@ -129,6 +134,12 @@ class SPADE(Attribution):
         Returns:
             What the wrapped method returns for the batch (tensor, tuple, or attributions with
             convergence delta), the samples' results concatenated along dimension 0.
+
+        Examples::
+
+            >>> spade_ig = SPADE(IntegratedGradients(model), sparsity=0.9)
+            >>> attr, delta = spade_ig.attribute(images, target=labels, n_steps=32,
+            ...                                  return_convergence_delta=True)
         """
         inputs_tuple, is_tuple = format_inputs(inputs)
         batch = inputs_tuple[0].shape[0]
@@ -149,7 +160,19 @@ class SPADE(Attribution):
 
 
 def find_model(attribution: Attribution, model: Optional[nn.Module] = None) -> nn.Module:
-    """The ``nn.Module`` that :class:`SPADE` prunes for ``attribution`` (see its docstring)."""
+    """The ``nn.Module`` that :class:`SPADE` prunes for ``attribution`` (see its docstring).
+
+    Raises:
+        TypeError: no module found (pass ``model=``), or ``model`` that is not a module.
+        ValueError: the attribution's layer is not part of the model.
+
+    Examples::
+
+        >>> find_model(IntegratedGradients(model)) is model
+        True
+        >>> find_model(Saliency(lambda x: model(x).softmax(1)), model=model) is model
+        True
+    """
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
