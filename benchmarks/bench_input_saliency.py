@@ -2,7 +2,8 @@
 
 What is measured
 ----------------
-SPEC §3's filter-boosting input saliency of a batch, with reference statistics (fitted on
+The filter-boosting input saliency (docs/METHOD.md, "Which input features make the units
+malfunction") of a batch, with reference statistics (fitted on
 other generated images before the timing, as a user would), ``k = 10``:
 
 * ``fwd+bwd``  the bar, not a method: one plain forward and backward of the batch.

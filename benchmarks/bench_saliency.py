@@ -2,7 +2,8 @@
 
 What is measured
 ----------------
-Every method computes the same thing (SPEC §1): for each sample ``i`` of a batch, the gradient
+Every method computes the same thing (docs/METHOD.md, "Parameter-space saliency"): for each
+sample ``i`` of a batch, the gradient
 of its own cross-entropy loss over the selected weights (every Conv2d / Linear ``weight`` of a
 torchvision ResNet), reduced per unit (conv filter / linear row) to the mean of ``|grad|``,
 giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layout``.
@@ -14,6 +15,9 @@ giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layou
   rank 2..16 reduced by ``torch.compile``d kernels (opt-in). Compiling happens in the warm-up
   call, which is not timed (it takes seconds: see the summary line); its CPU peak memory is not
   measured (a cold call's would be the compiler's).
+* ``rms``      ``ParameterSaliency(model, reduction="rms")``: the root-mean-square reduction
+  (closed form by the Gram matrix of the layer's factors where that is cheaper); checked
+  against a naive loop with the same reduction, not against the ``mean_abs`` methods.
 * ``naive``    what the paper authors' reference code does: for each sample, a forward of that
   one sample, its loss, ``torch.autograd.grad`` over the selected weights, then the per-unit
   mean of ``|grad|``.
@@ -82,7 +86,7 @@ from bench_common import (
     sync,
 )
 
-METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "compiled", "naive", "vmap", "captum")
+METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "compiled", "rms", "naive", "vmap", "captum")
 TARGET_RATIO = 1.5
 
 
@@ -124,6 +128,7 @@ class Setup:
     y: Tensor
     saliency: ParameterSaliency
     compiled: ParameterSaliency
+    rms: ParameterSaliency
     names: List[str]
     vmap_chunk: Optional[int] = None
 
@@ -142,7 +147,8 @@ def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int]
         if params[entry.name].shape[0] != entry.num_units:
             raise NotImplementedError(f"the baselines take units along dim 0; {entry.name} has other units")
     compiled = ParameterSaliency(model, compile_kernels=True)
-    return Setup(model, x, y, saliency, compiled, names, vmap_chunk)
+    rms = ParameterSaliency(model, reduction="rms")
+    return Setup(model, x, y, saliency, compiled, rms, names, vmap_chunk)
 
 
 def build_setup(case: Case, device: str, quick: bool, vmap_chunk: Optional[int]) -> Setup:
@@ -184,13 +190,20 @@ def run_compiled(setup: Setup) -> Tensor:
     return setup.compiled.attribute(setup.x, target=setup.y, internal_batch_size=None)
 
 
-def run_naive(setup: Setup) -> Tensor:
+def run_rms(setup: Setup) -> Tensor:
+    return setup.rms.attribute(setup.x, target=setup.y, internal_batch_size=None)
+
+
+def run_naive(setup: Setup, reduction: str = "mean_abs") -> Tensor:
     weights = _selected(setup)
     rows = []
     for i in range(setup.x.shape[0]):
         loss = F.cross_entropy(setup.model(setup.x[i : i + 1]), setup.y[i : i + 1])
         grads = torch.autograd.grad(loss, weights)
-        rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]))
+        if reduction == "rms":
+            rows.append(torch.cat([g.flatten(1).pow(2).mean(1).sqrt() for g in grads]))
+        else:
+            rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]))
     return torch.stack(rows)
 
 
@@ -247,6 +260,7 @@ RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
     "fwd+bwd": run_fwd_bwd,
     "engine": run_engine,
     "compiled": run_compiled,
+    "rms": run_rms,
     "naive": run_naive,
     "vmap": run_vmap,
     "captum": run_captum,
@@ -395,7 +409,7 @@ def measure_case(
             sync(setup.device)
             methods[method].warmup_s = time.perf_counter() - started
         except Exception as error:  # noqa: BLE001 - a failing baseline is reported, not fatal
-            if method in ("fwd+bwd", "engine", "compiled", "naive"):
+            if method in ("fwd+bwd", "engine", "compiled", "rms", "naive"):
                 raise
             methods[method].status = "OOM" if is_oom(error) else f"error: {type(error).__name__}"
             outputs[method] = None
@@ -406,8 +420,11 @@ def measure_case(
     for method, out in outputs.items():
         if out is not None:
             methods[method].rel_diff = max_rel_diff(out, reference, setup)
+    if outputs.get("rms") is not None:  # its own reference: the naive loop with the same reduction
+        log(f"  {result.case.name}: check rms against a naive rms loop")
+        methods["rms"].rel_diff = max_rel_diff(outputs["rms"], run_naive(setup, "rms"), setup)
     outputs.clear()
-    for ours in ("engine", "compiled"):
+    for ours in ("engine", "compiled", "rms"):
         diff = methods[ours].rel_diff
         assert diff is not None
         if not diff <= tolerance:
@@ -484,11 +501,13 @@ def summary_lines(results: Sequence[CaseResult]) -> List[str]:
             for name in ("naive", "vmap", "captum")
         )
         compiled = m["compiled"].median / m["fwd+bwd"].median
+        rms = m["rms"].median / m["fwd+bwd"].median
         lines.append(
             f"{res.case.name} ({res.device}, {res.num_params} weights, {res.num_units} units, {res.reps} reps): "
             f"engine/fwd+bwd = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict}); "
             f"compiled/fwd+bwd = {compiled:.2f} ({'met' if compiled <= TARGET_RATIO else 'NOT met'}; "
-            f"its first call, compiling, took {_fmt(m['compiled'].warmup_s, '.1f')} s); {speedups}; "
+            f"its first call, compiling, took {_fmt(m['compiled'].warmup_s, '.1f')} s); "
+            f"rms/fwd+bwd = {rms:.2f}; {speedups}; "
             f"engine vs naive max rel diff = {_fmt(m['engine'].rel_diff, '.1e')}"
         )
     return lines

@@ -2,7 +2,7 @@
 
 What is measured
 ----------------
-Both compute SPEC §2's reference statistics (per-unit mean and standard deviation of the
+Both compute the reference statistics (docs/METHOD.md, "Standardization") (per-unit mean and standard deviation of the
 per-sample saliency over a data set) of a torchvision model with seeded random weights over
 generated images, one DataLoader of ``(inputs, labels)`` batches:
 
@@ -78,7 +78,7 @@ def naive_stats(model, names: Sequence[str], loader: DataLoader, device: torch.d
             grads = torch.autograd.grad(loss, weights)
             rows.append(torch.cat([g.abs().flatten(1).mean(1) for g in grads]).to(torch.float64))
     profiles = torch.stack(rows)
-    return profiles.mean(0), profiles.std(0)  # sample std (N - 1), SPEC §2
+    return profiles.mean(0), profiles.std(0)  # sample std (N - 1), as docs/METHOD.md says
 
 
 def fwd_bwd(model, loader: DataLoader, device: torch.device) -> None:
