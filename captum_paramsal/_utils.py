@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
@@ -157,7 +158,7 @@ def model_device(params: Sequence[nn.Parameter]) -> torch.device:
     return next(iter(devices))
 
 
-def atomic_write(path, payload: bytes) -> None:
+def atomic_write(path: Union[str, os.PathLike], payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file beside it, fsync, rename.
 
     A reader never sees a half-written file, and an interrupted write leaves the old one.

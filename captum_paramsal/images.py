@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 #: torchvision's ImageNet normalization, what its pretrained weights expect
@@ -13,7 +14,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def imagenet_transform(image_size: int = 224):
+def imagenet_transform(image_size: int = 224) -> Callable[[Any], Tensor]:
     """Resize the short side to 8/7 of ``image_size``, centre crop, tensor, normalize."""
     from torchvision import transforms
 
@@ -35,7 +36,7 @@ def _read_rgb(path: str):
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
-def image_folder(root: str, image_size: int = 224, transform=None) -> Dataset:
+def image_folder(root: str, image_size: int = 224, transform: Optional[Callable[[Any], Tensor]] = None) -> Dataset:
     """``torchvision.datasets.ImageFolder`` with clear errors for a missing or empty folder and
     an unreadable image (named in the message)."""
     from torchvision.datasets import ImageFolder
@@ -59,6 +60,6 @@ def shard(dataset: Dataset, rank: int = 0, world_size: int = 1, max_samples: Opt
     return Subset(dataset, list(shard_indices(len(dataset), rank, world_size, max_samples)))
 
 
-def stack_batch(items) -> tuple:
+def stack_batch(items: Sequence[Tuple[Tensor, int]]) -> Tuple[Tensor, Tensor]:
     images, labels = zip(*items)
     return torch.stack(images), torch.as_tensor(labels)

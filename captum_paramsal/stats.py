@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ class SaliencyStats:
         self._moments = moments if moments is not None else _Moments(0, zeros, zeros.clone())
 
     @classmethod
-    def empty(cls, layout: SaliencyLayout, reduction: str = "mean_abs", loss: str = "cross_entropy"):
+    def empty(cls, layout: SaliencyLayout, reduction: str = "mean_abs", loss: str = "cross_entropy") -> SaliencyStats:
         return cls(layout, reduction, loss)
 
     # -- statistics ---------------------------------------------------------------------
@@ -133,7 +133,7 @@ class SaliencyStats:
         self.check_compatible(other.fingerprint, what="statistics to merge")
         return SaliencyStats(self.layout, self.reduction, self.loss, self._moments.merge(other._moments))
 
-    def all_reduce(self, group=None) -> SaliencyStats:
+    def all_reduce(self, group: Optional[Any] = None) -> SaliencyStats:
         """Across a ``torch.distributed`` group: every rank gets the statistics of all ranks.
 
         Each rank's moments are gathered and merged in rank order, so every rank ends with

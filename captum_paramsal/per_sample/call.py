@@ -10,7 +10,7 @@ shared mask) is passed on unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -49,7 +49,7 @@ class CallInputs:
             if isinstance(value, Tensor):
                 yield key, value
 
-    def map_batched(self, batch: int, fn) -> CallInputs:
+    def map_batched(self, batch: int, fn: Callable[[Tensor], Any]) -> CallInputs:
         """The inputs with ``fn(tensor)`` applied to every tensor whose dim 0 is the batch."""
 
         def apply(value: Any) -> Any:

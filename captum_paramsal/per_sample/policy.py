@@ -17,7 +17,6 @@ import torch
 from .compiled import CompiledKernels
 from .grads import PerSampleGrad
 
-
 #: :attr:`KernelPolicy.deferred_bytes` per device type (absent: 0)
 DEFERRED_BYTES = {"cpu": 256 << 20}
 
@@ -53,7 +52,9 @@ class KernelPolicy:
     kernels: CompiledKernels = field(default_factory=CompiledKernels, compare=False)
 
     @classmethod
-    def for_device(cls, device: torch.device, compile: bool = False, kernels: Optional[CompiledKernels] = None):
+    def for_device(
+        cls, device: torch.device, compile: bool = False, kernels: Optional[CompiledKernels] = None
+    ) -> KernelPolicy:
         """The policy for passes on ``device``."""
         deferred = DEFERRED_BYTES.get(torch.device(device).type, 0)
         return cls(deferred_bytes=deferred, compile=compile, kernels=kernels or CompiledKernels())

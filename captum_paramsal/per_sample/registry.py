@@ -79,7 +79,9 @@ class LayerRule:
     subclasses: bool
     input_rows: Optional[InputRows] = field(default=None, compare=False)
 
-    def __call__(self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]):
+    def __call__(
+        self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
+    ) -> Dict[str, PerSampleGrad]:
         return self.compute(module, inputs, grad_output, names)
 
 
@@ -227,7 +229,7 @@ def default_grouping(per_sample_grad: Tensor, module: Optional[nn.Module] = None
     return per_sample_grad.reshape(batch, per_sample_grad.shape[1], -1)
 
 
-def unit_grouping(module: Optional[nn.Module], param: str, shape: torch.Size):
+def unit_grouping(module: Optional[nn.Module], param: str, shape: torch.Size) -> Tuple[UnitGrouping, int]:
     """``(grouping, num_units)`` for ``param`` of ``module`` (module None: a bare parameter)."""
     if module is not None:
         for base in type(module).__mro__:
