@@ -55,11 +55,24 @@ class DatasetProfiles:
 
     @property
     def num_samples(self) -> int:
+        """All samples seen: ``num_correct + num_misclassified``.
+
+        Examples::
+
+            >>> result.num_samples
+            10000
+        """
         return self.num_correct + self.num_misclassified
 
     @property
     def standardized(self) -> bool:
-        """Whether standardized means are available (the profiles were computed with statistics)."""
+        """Whether standardized means are available (the profiles were computed with statistics).
+
+        Examples::
+
+            >>> dataset_profiles(ps, val_loader, standardize=False).standardized
+            False
+        """
         return self.mean_z_correct is not None or self.mean_z_misclassified is not None
 
     def by_layer(self, standardized: bool = True) -> List[Tuple[str, int, Optional[float], Optional[float]]]:

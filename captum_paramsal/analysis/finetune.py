@@ -214,7 +214,12 @@ class NeighbourCorrection:
         }
 
     def to_markdown(self) -> str:
-        """:attr:`summary` as a one-row markdown table."""
+        """:attr:`summary` as a one-row markdown table.
+
+        Examples::
+
+            >>> print(neighbour_correction(model, ps, images, labels).to_markdown())
+        """
         s = self.summary
         return "\n".join([
             "| misclassified samples | fine-tuned until correct | neighbours corrected | random samples corrected |",

@@ -65,7 +65,13 @@ class PruningResult:
                 })
 
     def row(self, k: int, mode: str) -> Dict[str, Any]:
-        """The :attr:`table` row of ``k`` units turned off in ``mode``; a KeyError if not run."""
+        """The :attr:`table` row of ``k`` units turned off in ``mode``; a KeyError if not run.
+
+        Examples::
+
+            >>> result.row(10, "salient")["fraction_corrected"]
+            0.62
+        """
         for r in self.table:
             if r["k"] == k and r["mode"] == mode:
                 return r
@@ -75,7 +81,13 @@ class PruningResult:
     COLUMNS = ("k", "units turned off", "corrected", "mean Δ p(true class)", "mean Δ p(predicted wrong class)")
 
     def formatted_rows(self) -> List[Tuple[str, ...]]:
-        """:attr:`table` as display strings, one tuple per row, in :attr:`COLUMNS` order."""
+        """:attr:`table` as display strings, one tuple per row, in :attr:`COLUMNS` order.
+
+        Examples::
+
+            >>> result.formatted_rows()[0]
+            ('1', 'salient', '41.0%', '+0.212', '-0.305')
+        """
         return [
             (str(r["k"]), r["mode"], f"{r['fraction_corrected']:.1%}",
              f"{r['mean_delta_true_prob']:+.3f}", f"{r['mean_delta_wrong_prob']:+.3f}")
@@ -83,7 +95,12 @@ class PruningResult:
         ]
 
     def to_markdown(self) -> str:
-        """:attr:`table` as a markdown table with the :attr:`COLUMNS` titles."""
+        """:attr:`table` as a markdown table with the :attr:`COLUMNS` titles.
+
+        Examples::
+
+            >>> print(result.to_markdown())
+        """
         lines = ["| " + " | ".join(self.COLUMNS) + " |", "|---:|---|---:|---:|---:|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.formatted_rows()]
         return "\n".join(lines)
@@ -96,6 +113,10 @@ class PruningResult:
 
         Returns:
             the matplotlib ``Figure``.
+
+        Examples::
+
+            >>> result.plot().savefig("pruning_curves.png")
         """
         import matplotlib.pyplot as plt
 

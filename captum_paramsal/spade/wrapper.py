@@ -108,11 +108,23 @@ class SPADE(Attribution):
 
     @property
     def multiplies_by_inputs(self) -> bool:
-        """The wrapped method's ``multiplies_by_inputs``."""
+        """The wrapped method's ``multiplies_by_inputs``.
+
+        Examples::
+
+            >>> SPADE(IntegratedGradients(model)).multiplies_by_inputs
+            True
+        """
         return self.attribution.multiplies_by_inputs
 
     def has_convergence_delta(self) -> bool:
-        """The wrapped method's ``has_convergence_delta()``."""
+        """The wrapped method's ``has_convergence_delta()``.
+
+        Examples::
+
+            >>> SPADE(IntegratedGradients(model)).has_convergence_delta()
+            True
+        """
         return self.attribution.has_convergence_delta()
 
     @log_usage()
