@@ -43,6 +43,21 @@ class PerSampleGrad:
         (units along the rows), or None where the gradient has no such form."""
         return None
 
+    def units_by(self, reduce: Callable[[Tensor], Tensor], grouping: Callable) -> Optional[Tensor]:
+        """``(B, units)`` by the form's own exact shortcut, or None where it has none.
+
+        ``reduce`` maps grouped values ``(m, units, entries) -> (m, units)`` (a reduction's
+        :meth:`~.reductions.Reduction.reduce`); ``grouping`` is the parameter's unit grouping.
+        A form whose gradient is mostly zero (an embedding's rows that a sample's tokens never
+        touch) reduces only what is there and fills the rest with ``reduce`` of zeros.
+        """
+        return None
+
+    def rows_are_units(self, grouping: Callable) -> bool:
+        """Whether the rows of :meth:`factors` are the parameter's units under ``grouping``
+        (so that a reduction's closed form on the factors gives the units)."""
+        return False
+
     @property
     def rank(self) -> Optional[int]:
         """``P`` of :meth:`factors`, or None."""
@@ -110,8 +125,13 @@ class LowRankGrad(PerSampleGrad):
         shape: tuple,
         direct_materialize: Optional[Callable[[int, int], Tensor]] = None,
         direct_pull_back: Optional[PullBack] = None,
+        row_grouping: Optional[Callable] = None,
     ) -> None:
         self.left = left
+        # under which unit grouping the rows are the units: None is the default grouping (units
+        # along the parameter's first axis, the layout :meth:`materialize` writes); a layer that
+        # stores its weight transposed (Hugging Face's Conv1D) names its registered grouping
+        self.row_grouping = row_grouping
         self.right = right
         self.shape = tuple(shape)
         self.batch = left.shape[0]
@@ -134,6 +154,11 @@ class LowRankGrad(PerSampleGrad):
     @property
     def has_direct(self) -> bool:
         return self._direct_materialize is not None
+
+    def rows_are_units(self, grouping: Callable) -> bool:
+        from .registry import default_grouping  # the registry imports this module
+
+        return grouping is (self.row_grouping or default_grouping)
 
     def factors(self, start: int, stop: int) -> Tuple[Tensor, Tensor]:
         return self.left[start:stop], self.right(start, stop)

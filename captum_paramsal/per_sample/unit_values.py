@@ -49,10 +49,10 @@ def closed_form_applies(p: SelectedParameter, grads: List[PerSampleGrad], reduct
     """Whether :meth:`~.reductions.Reduction.low_rank` gives the units: units along index 0,
     one call (or any number, for an additive reduction), low-rank factors of a rank the
     reduction has a closed form for."""
-    if not grads or p.grouping is not default_grouping or (len(grads) > 1 and not reduction.additive):
+    if not grads or (len(grads) > 1 and not reduction.additive):
         return False
     for g in grads:
-        if g.rank is None:
+        if g.rank is None or not g.rows_are_units(p.grouping):
             return False
         _, rows, rank, entries = g.factor_shape
         if not reduction.has_low_rank(rank, rows, entries):
@@ -79,7 +79,7 @@ def _compiles(p: SelectedParameter, grads: List[PerSampleGrad], kernel, policy: 
     return (
         kernel is not None
         and len(grads) == 1
-        and p.grouping is default_grouping
+        and grads[0].rows_are_units(p.grouping)
         and policy.compiles(grads[0])
     )
 
@@ -120,6 +120,10 @@ def reduce_to_units(
         return torch.zeros(batch, p.num_units, dtype=p.param.dtype, device=p.param.device)
     if closed_form_applies(p, grads, reduction):
         return _closed_form(grads, reduction)
+    if len(grads) == 1:
+        shortcut = grads[0].units_by(reduction.reduce, p.grouping)
+        if shortcut is not None:
+            return shortcut
     compiled = _compiled(p, grads, reduction, policy)
     if compiled is not None:
         return compiled
