@@ -63,6 +63,7 @@ def test_the_readme_has_python_examples():
     assert markers == sum(b.skip_reason is not None for b in BLOCKS), "a <!-- not run --> comment marks no block"
 
 
+@pytest.mark.slow  # a fresh interpreter per block
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_readme_block_runs_on_its_own(block, tmp_path):
     if block.skip_reason is not None:
