@@ -1,21 +1,29 @@
-"""What one call of a layer saw: all of its inputs, and the gradient at its output.
+"""What one call of a layer saw: all of its inputs, and the gradient at its outputs.
 
 A rule is given every input of the call, positional and keyword, as
 :class:`CallInputs`, so that layers with several tensor inputs (attention blocks,
-embeddings with offsets) can have exact rules. The engine keeps the tensors that are per
-sample (batch on dim 0) and slices them for chunks of samples; everything else (a flag, a
-shared mask) is passed on unchanged.
+embeddings with offsets, a recurrent layer's initial state) can have exact rules, and the
+gradient at every tensor of its output, in the output's own structure (a tensor for most
+layers; ``(output, (h_n, c_n))`` for an LSTM). Every tensor a rule sees has the batch on
+dim 0: where a layer keeps it elsewhere (a sequence-first LSTM, ``h_n``), its rule
+declares the batch dims (:data:`BatchDims`) and the engine moves them to 0 for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from .grads import PerSampleGrad
+
+#: ``batch_dims(module, inputs, output) -> (batch dim of each tensor input, of each tensor
+#: output)``, both in :meth:`CallInputs.tensors` / :func:`output_tensors` order; None for a
+#: rule whose tensors all have the batch on dim 0
+BatchDims = Callable[[nn.Module, "CallInputs", Any], Tuple[Sequence[int], Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -25,12 +33,15 @@ class CallInputs:
     args: Tuple[Any, ...]
     kwargs: Mapping[str, Any]
 
-    def arg(self, index: int, name: Optional[str] = None) -> Any:
-        """Positional argument ``index``, or keyword ``name`` where it was passed by name."""
+    def arg(self, index: int, name: Optional[str] = None, default: Any = KeyError) -> Any:
+        """Positional argument ``index``, or keyword ``name`` where it was passed by name
+        (``default`` where neither was passed, else a KeyError)."""
         if index < len(self.args):
             return self.args[index]
         if name is not None and name in self.kwargs:
             return self.kwargs[name]
+        if default is not KeyError:
+            return default
         raise KeyError(f"the call has no argument {index}" + (f" or {name!r}" if name else ""))
 
     @property
@@ -40,69 +51,121 @@ class CallInputs:
             return self.args[0]
         return next(iter(self.kwargs.values()), None)
 
-    def tensors(self) -> Iterator[Tuple[Any, Tensor]]:
-        """``(position or keyword, tensor)`` of every tensor input."""
-        for i, value in enumerate(self.args):
-            if isinstance(value, Tensor):
-                yield i, value
-        for key, value in self.kwargs.items():
-            if isinstance(value, Tensor):
-                yield key, value
+    def _flat(self) -> Tuple[List[Any], Any]:
+        return tree_flatten((tuple(self.args), dict(self.kwargs)))
 
-    def map_batched(self, batch: int, fn: Callable[[Tensor], Any]) -> CallInputs:
-        """The inputs with ``fn(tensor)`` applied to every tensor whose dim 0 is the batch."""
+    def tensors(self) -> List[Tensor]:
+        """Every tensor input, nested ones included (``hx=(h, c)``), in a fixed order."""
+        return [leaf for leaf in self._flat()[0] if isinstance(leaf, Tensor)]
 
-        def apply(value: Any) -> Any:
-            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch:
-                return fn(value)
-            return value
+    def map_tensors(self, fn: Callable[[int, Tensor], Any]) -> CallInputs:
+        """The inputs with tensor number ``i`` (:meth:`tensors` order) replaced by ``fn(i, tensor)``."""
+        leaves, spec = self._flat()
+        count = 0
+        out = []
+        for leaf in leaves:
+            if isinstance(leaf, Tensor):
+                leaf = fn(count, leaf)
+                count += 1
+            out.append(leaf)
+        args, kwargs = tree_unflatten(out, spec)
+        return CallInputs(tuple(args), kwargs)
 
-        return CallInputs(tuple(apply(v) for v in self.args), {k: apply(v) for k, v in self.kwargs.items()})
+    def with_tensors(self, values: Sequence[Tensor]) -> CallInputs:
+        """The inputs with their tensors (:meth:`tensors` order) replaced by ``values``."""
+        return self.map_tensors(lambda i, _: values[i])
 
     def detached(self) -> CallInputs:
         """The inputs with every tensor detached (what a first-order pass keeps)."""
-
-        def detach(value: Any) -> Any:
-            return value.detach() if isinstance(value, Tensor) else value
-
-        return CallInputs(tuple(detach(v) for v in self.args), {k: detach(v) for k, v in self.kwargs.items()})
-
-    def batched(self, batch: int) -> List[Tensor]:
-        """The tensor inputs whose dim 0 is the batch, in :meth:`tensors` order."""
-        return [t for _, t in self.tensors() if t.dim() > 0 and t.shape[0] == batch]
-
-    def replace_batched(self, batch: int, values: List[Tensor]) -> CallInputs:
-        """The inputs with the batched tensors (:meth:`batched` order) replaced by ``values``."""
-        remaining = iter(values)
-        return self.map_batched(batch, lambda _: next(remaining))
+        return self.map_tensors(lambda _, t: t.detach())
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def output_tensors(output: Any) -> List[Tensor]:
+    """The tensors of a layer's output (a tensor, or a tuple / list / dict of them), in order."""
+    return [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, Tensor)]
+
+
+def is_tapped(tensor: Tensor) -> bool:
+    """Whether the engine taps an output tensor: a gradient can only reach floating ones."""
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def batch_first(tensors: Sequence[Tensor], dims: Optional[Sequence[int]]) -> List[Tensor]:
+    """``tensors`` with dim ``dims[i]`` moved to 0 (views); unchanged where ``dims`` is None."""
+    if dims is None:
+        return list(tensors)
+    if len(dims) != len(tensors):
+        raise RuntimeError(f"a rule's batch_dims named {len(dims)} dims for {len(tensors)} tensors")
+    return [t if d == 0 else t.movedim(d, 0) for t, d in zip(tensors, dims)]
+
+
+@dataclass(frozen=True)
+class GradOutputs:
+    """The gradient at each tensor of a call's output, batch first, and how to rebuild the
+    output's structure around them (non-tensor entries, untapped tensors as None)."""
+
+    grads: Tuple[Tensor, ...]
+    tapped: Tuple[bool, ...]  # per leaf of the output's structure: whether a gradient is there
+    spec: Any
+
+    @staticmethod
+    def of(output: Any, grads: Sequence[Tensor]) -> GradOutputs:
+        leaves, spec = tree_flatten(output)
+        tapped = tuple(isinstance(leaf, Tensor) and is_tapped(leaf) for leaf in leaves)
+        return GradOutputs(tuple(grads), tapped, spec)
+
+    def structured(self) -> Any:
+        """The gradients in the output's structure (a tensor for a tensor output), None where
+        the output held no floating tensor."""
+        grads = iter(self.grads)
+        return tree_unflatten([next(grads) if tapped else None for tapped in self.tapped], self.spec)
+
+    def with_grads(self, grads: Sequence[Tensor]) -> GradOutputs:
+        return GradOutputs(tuple(grads), self.tapped, self.spec)
+
+    @property
+    def batch(self) -> int:
+        return self.grads[0].shape[0]
+
+    def nbytes(self) -> int:
+        return sum(g.numel() * g.element_size() for g in self.grads)
 
 
 @dataclass(frozen=True)
 class LayerCall:
-    """One call of a rule-covered layer: its inputs and the gradient at its output."""
+    """One call of a rule-covered layer: its inputs and the gradients at its outputs, all
+    batch first."""
 
     module: nn.Module
     attr: str
-    rule: Any  # the LayerRule (typed loosely: registry imports this module)
+    rule: Any  # the LayerRule (typed loosely: the registry imports this module)
     inputs: CallInputs
-    grad_output: Tensor
+    grad_outputs: GradOutputs
 
     @property
     def batch(self) -> int:
-        return self.grad_output.shape[0]
+        return self.grad_outputs.batch
+
+    def _batched(self) -> List[int]:
+        batch = self.batch
+        return [i for i, t in enumerate(self.inputs.tensors()) if t.dim() > 0 and t.shape[0] == batch]
 
     def tensors(self) -> List[Tensor]:
         """The per-sample tensors a second derivative goes through: batched inputs, then the
-        output gradient."""
-        return [*self.inputs.batched(self.batch), self.grad_output]
+        output gradients."""
+        inputs = self.inputs.tensors()
+        return [*(inputs[i] for i in self._batched()), *self.grad_outputs.grads]
 
-    def with_tensors(self, tensors: List[Tensor]) -> LayerCall:
+    def with_tensors(self, tensors: Sequence[Tensor]) -> LayerCall:
         """This call with :meth:`tensors` replaced (same order), e.g. by leaves of a chunk."""
-        inputs = self.inputs.replace_batched(self.batch, tensors[:-1])
-        return LayerCall(self.module, self.attr, self.rule, inputs, tensors[-1])
+        batched = self._batched()
+        replacement: Dict[int, Tensor] = dict(zip(batched, tensors[: len(batched)]))
+        inputs = self.inputs.map_tensors(lambda i, t: replacement.get(i, t))
+        grad_outputs = self.grad_outputs.with_grads(tensors[len(batched) :])
+        return LayerCall(self.module, self.attr, self.rule, inputs, grad_outputs)
 
     def sliced(self, start: int, stop: int) -> LayerCall:
         return self.with_tensors([t[start:stop] for t in self.tensors()])
@@ -112,8 +175,14 @@ class LayerCall:
 
     def per_sample_grad(self) -> PerSampleGrad:
         """The rule's lazy per-sample gradient of :attr:`attr` for this call."""
-        return self.rule(self.module, self.inputs, self.grad_output, frozenset([self.attr]))[self.attr]
+        return self.rule(self.module, self.inputs, self.grad_outputs.structured(), frozenset([self.attr]))[self.attr]
 
 
 def call_inputs(args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> CallInputs:
     return CallInputs(tuple(args), dict(kwargs or {}))
+
+
+def iter_tensor_leaves(value: Any) -> Iterator[Tensor]:
+    for leaf in tree_flatten(value)[0]:
+        if isinstance(leaf, Tensor):
+            yield leaf

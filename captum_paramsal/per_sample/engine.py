@@ -19,16 +19,17 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .call import CallInputs, LayerCall, call_inputs
+from .call import GradOutputs, LayerCall, call_inputs, is_tapped
 from .fallback import LossFn, fallback_unit_saliency
 from .grads import PerSampleGrad
 from .policy import KernelPolicy
 from .reductions import Reduction
 from .registry import find_rule
-from .routing import ParameterUseWatch, Routing
+from .routing import ParameterUseWatch, Routing, batch_first_call
 from .selection import SelectedParameter, Selection
-from .tap import GradTap, new_anchor
+from .tap import new_anchor, tap_output
 from .unit_values import Workspace, reduce_to_units
 
 #: ``resolve_target(output) -> target`` (validated, one entry per sample)
@@ -84,6 +85,16 @@ class _Accumulator:
     grads: List[PerSampleGrad] = field(default_factory=list)
     kept: List[LayerCall] = field(default_factory=list)
     unusable: bool = False
+
+
+def _structure_only(output: Any) -> Any:
+    """``output`` with every tapped tensor replaced by a 0-d placeholder of its dtype: enough for
+    :meth:`~.call.GradOutputs.of`, without keeping the output's values alive."""
+    leaves, spec = tree_flatten(output)
+    placeholders = [
+        torch.empty((), dtype=leaf.dtype) if isinstance(leaf, Tensor) and is_tapped(leaf) else None for leaf in leaves
+    ]
+    return tree_unflatten(placeholders, spec)
 
 
 def check_losses(losses: Tensor, batch: int) -> Tensor:
@@ -158,48 +169,42 @@ class _TappedPass:
 
     # -- the hooks --------------------------------------------------------------------
 
-    def _usable(self, module: nn.Module, call: int, inputs: CallInputs, output: Any) -> bool:
-        batch = self.run.batch
-        return (
-            isinstance(inputs.first, Tensor)
-            and isinstance(output, Tensor)
-            and output.shape[:1] == (batch,)
-            and all(t.shape[:1] == (batch,) for _, t in inputs.tensors())
-            and (batch == 1 or self.run.routing.call_is_batch_first(module, call, inputs, output))
-        )
-
     def on_forward(self, module: nn.Module, args, kwargs, output):
         call = self.call_counts.get(module, 0)
         self.call_counts[module] = call + 1
         inputs = call_inputs(args, kwargs)
         here = self.by_module[module]
-        if not self._usable(module, call, inputs, output):
+        names = frozenset(attr for attr, _ in here)
+        rule = find_rule(module, next(iter(names)))
+        moved = batch_first_call(rule, module, inputs, output) if isinstance(inputs.first, Tensor) else None
+        if moved is None or not self.run.routing.call_matches_probe(module, call, self.run.batch, moved):
             for _, acc in here:
                 acc.unusable = True
             return None
         for _, acc in here:
             acc.calls += 1
-        names = frozenset(attr for attr, _ in here)
-        rule = find_rule(module, next(iter(names)))
-        saved = [inputs if self.keep_calls else inputs.detached()]
+        saved = [moved.inputs if self.keep_calls else moved.inputs.detached()]
 
-        def on_grad(grad_output: Tensor) -> None:
+        def on_grad(grads: List[Tensor]) -> None:
             kept = saved.pop()
+            grad_outputs = GradOutputs.of(output_structure, moved.grads_batch_first(grads))
             if self.keep_calls:
                 for attr, acc in here:
-                    acc.kept.append(LayerCall(module, attr, rule, kept, grad_output))
+                    acc.kept.append(LayerCall(module, attr, rule, kept, grad_outputs))
                 return
-            grads = rule(module, kept, grad_output, names)
-            pair_bytes = kept.nbytes() + grad_output.numel() * grad_output.element_size()
+            per_sample = rule(module, kept, grad_outputs.structured(), names)
+            pair_bytes = kept.nbytes() + grad_outputs.nbytes()
             for attr, acc in here:
                 if acc.unusable:
                     continue
-                acc.grads.append(grads[attr])
+                acc.grads.append(per_sample[attr])
                 if len(acc.grads) == acc.calls:
                     self.defer(acc, pair_bytes)
                     pair_bytes = 0  # a weight and a bias share one pair
 
-        return GradTap.apply(output, self.anchor, on_grad)
+        # the structure alone (which leaves are tapped tensors), not the output's values
+        output_structure = _structure_only(output)
+        return tap_output(output, self.anchor, on_grad)
 
     # -- the pass ---------------------------------------------------------------------
 

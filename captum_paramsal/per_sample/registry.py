@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from .grads import PerSampleGrad
 
 if TYPE_CHECKING:
-    from .call import CallInputs
+    from .call import BatchDims, CallInputs
 
 #: ``rule(module, inputs, grad_output, names) -> {name: PerSampleGrad}``
 PerSampleRule = Callable[[nn.Module, "CallInputs", Tensor, FrozenSet[str]], Dict[str, PerSampleGrad]]
@@ -78,6 +78,7 @@ class LayerRule:
     default: FrozenSet[str]
     subclasses: bool
     input_rows: Optional[InputRows] = field(default=None, compare=False)
+    batch_dims: Optional[BatchDims] = field(default=None, compare=False)
 
     def __call__(
         self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
@@ -96,6 +97,7 @@ def register_rule(
     subclasses: bool = False,
     input_rows: Optional[InputRows] = None,
     name: Optional[str] = None,
+    batch_dims: Optional[BatchDims] = None,
 ) -> Callable[[PerSampleRule], PerSampleRule]:
     """Register the decorated ``rule(module, inputs, grad_output, names)`` for ``module_types``.
 
@@ -109,6 +111,10 @@ def register_rule(
         input_rows: ``input_rows(module, input) -> (G, N, D)``, the rows that multiply the
             weight (for SPADE); None where the layer is not a matrix product of its input.
         name: how the routing report names the rule (default: the function's name).
+        batch_dims: ``batch_dims(module, inputs, output) -> (input dims, output dims)``: which
+            dim of each tensor input and each tensor output holds the batch (a sequence-first
+            layer, an LSTM's ``h_n``); the engine moves them to 0 before calling the rule, so
+            that a rule only ever sees batch-first tensors. Default: dim 0 everywhere.
 
     Examples::
 
@@ -125,7 +131,7 @@ def register_rule(
     def decorator(compute: PerSampleRule) -> PerSampleRule:
         rule = LayerRule(
             name or getattr(compute, "__name__", "rule"), tuple(module_types), compute,
-            frozenset(params), frozenset(default), bool(subclasses), input_rows,
+            frozenset(params), frozenset(default), bool(subclasses), input_rows, batch_dims,
         )
         for module_type in module_types:
             _RULES[module_type] = rule

@@ -8,8 +8,9 @@ one-sample *probe* forward checks both assumptions before the real pass:
   elsewhere, such as ``nn.MultiheadAttention``'s ``out_proj.weight`` used
   functionally, or a tied embedding reused as an output projection, go to the
   fallback;
-* for each call, the batch is dim 0 of every tensor input and of the output: with a
-  batch of one, dim 0 has size 1 (a sequence-first ``(T, 1, D)`` activation does not).
+* for each call, the batch is dim 0 of every tensor input and output (or, for a rule
+  that declares its batch dims, where it says): with a batch of one, that dim has size 1
+  (a sequence-first ``(T, 1, D)`` activation does not).
 
 Anything the probe cannot vouch for goes to the generic fallback, which is
 exact for every model.
@@ -18,7 +19,7 @@ The probe costs a one-sample forward (about a tenth of a batch's forward and
 backward for a small CNN), so :class:`RoutingCache` keeps its result per input
 signature. A cached routing is never trusted blindly: every real pass watches
 parameter uses with the same :class:`ParameterUseWatch` and checks each call's
-shapes against the probe's (:meth:`Routing.call_is_batch_first`), and whatever
+shapes against the probe's (:meth:`Routing.call_matches_probe`), and whatever
 no longer matches goes to the fallback for that pass. One change it cannot see: a
 forward that, between two calls, starts feeding a module a tensor whose batch has
 left dim 0 while its shape stays the same (a sequence-first ``(T, B, D)`` with
@@ -38,30 +39,59 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .batching import slice_batch
-from .call import CallInputs, call_inputs
-from .registry import explain_rule
+from .call import CallInputs, batch_first, call_inputs, is_tapped, output_tensors
+from .registry import explain_rule, rule_for_module
 from .selection import SelectedParameter, Selection
-from .tap import GradTap, new_anchor
+from .tap import new_anchor, tap_output
 
-#: One call as the probe saw it: the shapes of its tensor inputs and of its output at
-#: batch 1 without dim 0, or None when dim 0 was not the batch of all of them (or the
-#: call had no tensor input, or its output was not a tensor).
-CallShapes = Optional[Tuple[Tuple[Tuple[int, ...], ...], Tuple[int, ...]]]
+#: One call as the probe saw it: the shapes of its tensor inputs and of its tapped output
+#: tensors at batch 1 without the batch dim (all moved batch first as the rule declares),
+#: or None when the batch was not where the rule expects it in all of them (or the call
+#: had no tensor input, or no floating output tensor).
+CallShapes = Optional[Tuple[Tuple[Tuple[int, ...], ...], Tuple[Tuple[int, ...], ...]]]
 
 
-def _call_shapes(inputs: CallInputs, output: Any) -> Tuple[CallShapes, str]:
+@dataclass(frozen=True)
+class BatchFirstCall:
+    """A call as its rule sees it: inputs and tapped outputs with the batch on dim 0, and
+    where each tapped output keeps its batch (to move its gradient the same way)."""
+
+    inputs: CallInputs
+    outputs: List[Tensor]
+    output_dims: Optional[List[int]]
+
+    def grads_batch_first(self, grads: List[Tensor]) -> List[Tensor]:
+        return batch_first(grads, self.output_dims)
+
+
+def batch_first_call(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) -> BatchFirstCall:
+    """``inputs`` and ``output`` of one call moved batch first as ``rule`` declares."""
+    outputs = output_tensors(output)
+    in_dims = out_dims = None
+    if rule is not None and rule.batch_dims is not None:
+        in_dims, out_dims = rule.batch_dims(module, inputs, output)
+    moved_inputs = inputs.with_tensors(batch_first(inputs.tensors(), in_dims)) if in_dims is not None else inputs
+    moved = batch_first(outputs, out_dims)
+    tapped = [i for i, t in enumerate(outputs) if is_tapped(t)]
+    dims = None if out_dims is None else [out_dims[i] for i in tapped]
+    return BatchFirstCall(moved_inputs, [moved[i] for i in tapped], dims)
+
+
+def _call_shapes(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) -> Tuple[CallShapes, str]:
     """``(the probe's record of a call, why it is None)``."""
-    tensors = [t for _, t in inputs.tensors()]
-    if not tensors or not isinstance(inputs.first, Tensor):
+    if not inputs.tensors() or not isinstance(inputs.first, Tensor):
         return None, "its main input is not a tensor"
-    if not isinstance(output, Tensor):
-        return None, f"it returns a {type(output).__name__}, not a tensor"
-    for key, t in inputs.tensors():
-        if t.dim() == 0 or t.shape[0] != 1:
-            return None, f"input {key!r} of shape {tuple(t.shape)} at batch 1 does not have the batch on dim 0"
-    if output.dim() == 0 or output.shape[0] != 1:
-        return None, f"its output of shape {tuple(output.shape)} at batch 1 does not have the batch on dim 0"
-    return (tuple(tuple(t.shape[1:]) for t in tensors), tuple(output.shape[1:])), ""
+    call = batch_first_call(rule, module, inputs, output)
+    if not call.outputs:
+        return None, f"it returns a {type(output).__name__} with no floating tensor"
+    where = "dim 0" if rule is None or rule.batch_dims is None else "the dim its rule declares"
+    for kind, tensors in (("input", call.inputs.tensors()), ("output", call.outputs)):
+        for i, t in enumerate(tensors):
+            if t.dim() == 0 or t.shape[0] != 1:
+                shape = tuple(t.shape)
+                return None, f"{kind} tensor {i} of shape {shape} at batch 1 does not have the batch on {where}"
+    input_shapes = tuple(tuple(t.shape[1:]) for t in call.inputs.tensors())
+    return (input_shapes, tuple(tuple(t.shape[1:]) for t in call.outputs)), ""
 
 
 @dataclass(frozen=True)
@@ -73,20 +103,19 @@ class Routing:
     calls: Dict[nn.Module, Tuple[CallShapes, ...]] = field(default_factory=dict)
     reasons: Dict[str, str] = field(default_factory=dict)
 
-    def call_is_batch_first(self, module: nn.Module, call: int, inputs: CallInputs, output: Any) -> bool:
-        """Whether call number ``call`` of ``module`` has the batch on dim 0: the probe said so,
-        and every tensor input and the output have the probe's shapes with dim 0 the batch."""
+    def call_matches_probe(self, module: nn.Module, call: int, batch: int, moved: BatchFirstCall) -> bool:
+        """Whether call number ``call`` of ``module``, moved batch first, has the batch on dim 0
+        of every tensor: the probe said so, and each tensor has the probe's shape but for
+        the batch."""
         calls = self.calls.get(module, ())
-        if call >= len(calls) or calls[call] is None or not isinstance(output, Tensor):
+        if call >= len(calls) or calls[call] is None:
             return False
-        input_shapes, output_shape = calls[call]
-        tensors = [t for _, t in inputs.tensors()]
-        if len(tensors) != len(input_shapes) or output.dim() == 0:
+        input_shapes, output_shapes = calls[call]
+        tensors = moved.inputs.tensors()
+        if len(tensors) != len(input_shapes) or len(moved.outputs) != len(output_shapes):
             return False
-        batch = output.shape[0]
-        return output.shape[1:] == output_shape and all(
-            t.dim() > 0 and t.shape[0] == batch and t.shape[1:] == shape for t, shape in zip(tensors, input_shapes)
-        )
+        pairs = [*zip(tensors, input_shapes), *zip(moved.outputs, output_shapes)]
+        return all(t.dim() > 0 and t.shape[0] == batch and tuple(t.shape[1:]) == shape for t, shape in pairs)
 
 
 class _ParameterUseRecorder(TorchFunctionMode):
@@ -161,7 +190,7 @@ class ParameterUseWatch:
         return {self._names[i]: op for i, op in self._recorder.foreign.items()}
 
 
-def _ignore(_grad: Tensor) -> None:
+def _ignore(_grads: List[Tensor]) -> None:
     return None
 
 
@@ -177,17 +206,18 @@ def route(
     if not candidates:
         return Routing(frozenset(), {}, reasons)
     rule_modules = {m for p in candidates for m, _ in p.owners}
+    rules = {m: rule_for_module(m)[0] for m in rule_modules}
     calls: Dict[nn.Module, List[CallShapes]] = {m: [] for m in rule_modules}
     why_not: Dict[nn.Module, str] = {}
     anchor = new_anchor(inputs[0].device)
 
     def record(module, args, kwargs, output):
-        shapes, why = _call_shapes(call_inputs(args, kwargs), output)
+        shapes, why = _call_shapes(rules.get(module), module, call_inputs(args, kwargs), output)
         if shapes is None:
             why_not.setdefault(module, f"call {len(calls[module])} of its {type(module).__name__}: {why}")
         calls[module].append(shapes)
         # tapped as in the real pass, so that the probe's forward is the same
-        return GradTap.apply(output, anchor, _ignore) if isinstance(output, Tensor) else None
+        return tap_output(output, anchor, _ignore)
 
     batch = inputs[0].shape[0]
     handles = []
