@@ -4,6 +4,8 @@ registry, the norm-layer rule, and the routing report. Every value against the n
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -344,3 +346,73 @@ def test_input_saliency_takes_units_in_every_form():
         assert rel_err(pgis.attribute(x, target=y, units=units), reference) < 1e-12
     shared = pgis.attribute(x, target=y, units=top[0])
     assert rel_err(shared, pgis.attribute(x, target=y, units=[columns[0]] * 2)) < 1e-12
+
+
+# -- rules with several outputs and declared batch dims ------------------------------------
+
+
+class SequenceFirst(nn.Module):
+    """``x (T, B, I) -> (y = x W^T (T, B, O), y.sum(0) (B, O))``: batch on dim 1, then on 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4) / 2)
+
+    def forward(self, x: Tensor):
+        y = x @ self.weight.T
+        return y, y.sum(0)
+
+
+class SequenceFirstNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = SequenceFirst()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y, total = self.layer(x.transpose(0, 1))  # the model's batch-first input, fed sequence-first
+        return self.head(torch.tanh(y[-1]) + total)
+
+
+@pytest.fixture
+def sequence_first_rule():
+    def rule(module, inputs, grad_output, names):
+        x = inputs.arg(0, "x")  # (B, T, I): the engine moved the batch to dim 0
+        d_y, d_total = grad_output  # (B, T, O) and (B, O)
+        d = d_y + d_total.unsqueeze(1)  # the gradient at y itself
+        return {"weight": LowRankGrad(d.transpose(1, 2).unsqueeze(1), lambda a, b: x[a:b].unsqueeze(1),
+                                      module.weight.shape)}
+
+    def batch_dims(module, inputs, output):
+        return [1], [1, 0]
+
+    registry.register_rule(SequenceFirst, params=("weight",), default=("weight",), batch_dims=batch_dims)(rule)
+    yield
+    del registry._RULES[SequenceFirst]
+
+
+@pytest.mark.parametrize("reduction", sorted(REDUCTIONS))
+def test_a_rule_with_two_outputs_and_declared_batch_dims(sequence_first_rule, reduction):
+    torch.manual_seed(0)
+    model = SequenceFirstNet().double()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), _labels(5, 2)  # 6 steps: T != B
+    ps = ParameterSaliency(model, reduction=reduction)
+    assert ps.routing(x).fallback == ()
+    got = ps.attribute(x, target=y, internal_batch_size=3)
+    names = list(ps.layout.names)
+    assert rel_err(got, naive_unit_saliency(model, (x,), y, names, reduction=reduction)) < 1e-10
+    boosted = ParameterGuidedInputSaliency(model, k=2, reduction=reduction).attribute(x, target=y)
+    assert rel_err(boosted, naive_boosting(model, x, y, names, 2, reduction)) < 1e-8
+
+
+def test_without_declared_batch_dims_a_sequence_first_layer_goes_to_the_fallback(sequence_first_rule):
+    rule = registry._RULES[SequenceFirst]
+    registry._RULES[SequenceFirst] = dataclasses.replace(rule, batch_dims=None)
+    torch.manual_seed(0)
+    model = SequenceFirstNet().double()
+    x, y = torch.randn(5, 6, 4, dtype=torch.float64), _labels(5, 2)
+    ps = ParameterSaliency(model)
+    report = ps.routing(x)
+    assert report.fallback == ("layer.weight",)
+    assert "does not have the batch on dim 0" in report[0].reason
+    assert rel_err(ps.attribute(x, target=y), naive_unit_saliency(model, (x,), y, list(ps.layout.names))) < 1e-10
