@@ -58,12 +58,12 @@ class SaliencyProfile:
 
     @property
     def value_label(self) -> str:
-        """What the values are, for an axis: e.g. ``"standardized saliency: z of mean |grad|"``,
-        ``"saliency: mean grad (signed)"``."""
+        """What the values are, for an axis: ``"z-score of mean |grad|"`` (standardized), ``"mean |grad|"``,
+        ``"mean grad (signed)"``, ``"rms grad"`` (raw, by reduction)."""
         from .per_sample.reductions import get_reduction
 
         label = get_reduction(self.reduction).label
-        return f"standardized saliency: z of {label}" if self.standardized else f"saliency: {label}"
+        return f"z-score of {label}" if self.standardized else label
 
     def _check_sample(self, sample: int) -> None:
         if not -len(self) <= sample < len(self):

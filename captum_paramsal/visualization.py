@@ -47,7 +47,7 @@ def plot_profile(
     Args:
         values: the sample's ``(layout.num_columns,)`` values (a tensor or array).
         layout: the layout naming the columns.
-        value_label: the y axis, what the values are (e.g. ``"standardized saliency: z of mean |grad|"``).
+        value_label: the y axis, what the values are (e.g. ``"z-score of mean |grad|"``).
         title: the figure's title (default ``"parameter saliency profile"``).
         ax: a matplotlib axes to draw into; default: a new ``Figure``.
 
