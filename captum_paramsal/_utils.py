@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +67,31 @@ def format_additional_args(additional_forward_args: Any) -> Tuple[Any, ...]:
     return (additional_forward_args,)
 
 
-def check_device(inputs: Tuple[Tensor, ...], additional: Tuple[Any, ...], device: torch.device) -> None:
+def split_forward_args(additional_forward_args: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """``(positional, keyword)`` extra arguments of the model: a dict is passed by keyword
+    (``attention_mask=...``, as Hugging Face models take it); anything else by position, a
+    tuple element by element (Captum's convention, so a dict inside a tuple is one positional
+    argument)."""
+    if isinstance(additional_forward_args, dict):
+        positional, keyword = (), additional_forward_args
+    else:
+        positional, keyword = format_additional_args(additional_forward_args), {}
+    for key in keyword:
+        if not isinstance(key, str):
+            raise TypeError(f"keyword arguments need str names, got {key!r} in additional_forward_args")
+    return positional, dict(keyword)
+
+
+def check_device(
+    inputs: Tuple[Tensor, ...],
+    additional: Tuple[Any, ...],
+    device: torch.device,
+    keyword: Optional[Dict[str, Any]] = None,
+) -> None:
     """Inputs must live where the model's parameters do (no silent copies)."""
     named = [(f"inputs[{i}]", x) for i, x in enumerate(inputs)]
     named += [(f"additional_forward_args[{i}]", a) for i, a in enumerate(additional) if isinstance(a, Tensor)]
+    named += [(f"additional_forward_args[{k!r}]", a) for k, a in (keyword or {}).items() if isinstance(a, Tensor)]
     for what, x in named:
         if x.device != device:
             raise ValueError(

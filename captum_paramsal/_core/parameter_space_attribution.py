@@ -12,8 +12,8 @@ once.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from captum.attr import GradientAttribution
@@ -26,12 +26,12 @@ from .._utils import (
     check_internal_batch_size,
     cross_entropy_per_sample,
     evaluation_mode,
-    format_additional_args,
     format_inputs,
     label_resolver,
     model_device,
     normalize_target,
     outside_stacklevel,
+    split_forward_args,
 )
 from ..layout import SaliencyLayout
 from ..per_sample import (
@@ -43,8 +43,9 @@ from ..per_sample import (
     routing_report,
     select_parameters,
 )
-from ..per_sample.batching import slice_batch
+from ..per_sample.batching import slice_batch, slice_kwargs
 from ..per_sample.compiled import CompiledKernels
+from ..per_sample.engine import model_output_tensor
 from ..per_sample.reductions import Reduction
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -59,6 +60,7 @@ class PreparedBatch:
     additional_forward_args: Tuple[Any, ...]
     labels: Optional[Tensor]
     is_tuple: bool
+    forward_kwargs: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -76,6 +78,9 @@ class ParameterSpaceAttribution(GradientAttribution):
         reduction: ``"mean_abs"``, ``"mean"`` or ``"rms"`` (:mod:`..per_sample.reductions`).
         fallback_chunk_size: samples per chunk of the generic ``torch.func`` fallback.
         compile_kernels: reduce low-rank layers with compiled kernels where they apply.
+        output_fn: ``output_fn(model output) -> Tensor``, what the loss is computed on.
+            Default: the output itself, the ``logits`` of a Hugging Face ``ModelOutput``, or
+            the first element of a tuple.
         share: another method of the same model whose selection, loss, reduction, routing
             cache and kernels this one uses (the other arguments must then be left at
             their defaults).
@@ -90,12 +95,16 @@ class ParameterSpaceAttribution(GradientAttribution):
         fallback_chunk_size: int = 16,
         compile_kernels: bool = False,
         share: Optional[ParameterSpaceAttribution] = None,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
     ) -> None:
         GradientAttribution.__init__(self, model)
         self.model = model
         if share is not None:
-            self._share(share, params, loss_fn, reduction, fallback_chunk_size, compile_kernels)
+            self._share(share, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn)
             return
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.output_fn: Callable[[Any], Tensor] = output_fn or model_output_tensor
         self._reduction: Reduction = get_reduction(reduction)
         self._selection = select_parameters(model, params)
         # the one-sample probe of the model, once per input signature (re-validated every pass)
@@ -113,18 +122,18 @@ class ParameterSpaceAttribution(GradientAttribution):
         if params is None:
             self._warn_default_fallback()
 
-    def _share(self, other, params, loss_fn, reduction, fallback_chunk_size, compile_kernels) -> None:
+    def _share(self, other, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn) -> None:
         if not isinstance(other, ParameterSpaceAttribution):
             raise TypeError(f"share must be a ParameterSaliency or similar, got {type(other).__name__}")
         if other.model is not self.model:
             raise ValueError("share= must be a method of the same model")
         given = dict(params=params, loss_fn=loss_fn, fallback_chunk_size=fallback_chunk_size != 16,
-                     reduction=reduction != "mean_abs", compile_kernels=compile_kernels)
+                     reduction=reduction != "mean_abs", compile_kernels=compile_kernels, output_fn=output_fn)
         clashing = [name for name, value in given.items() if value not in (None, False)]
         if clashing:
             raise ValueError(f"with share=, {', '.join(clashing)} come from the shared method; leave them out")
         for attr in ("_reduction", "_selection", "_routing_cache", "_default_loss", "loss_fn", "loss_name",
-                     "fallback_chunk_size", "compile_kernels", "_kernels"):
+                     "fallback_chunk_size", "compile_kernels", "_kernels", "output_fn"):
             setattr(self, attr, getattr(other, attr))
 
     def _warn_default_fallback(self) -> None:
@@ -170,18 +179,18 @@ class ParameterSpaceAttribution(GradientAttribution):
                 "call it outside inference_mode (torch.no_grad() is fine)"
             )
         inputs_tuple, is_tuple = format_inputs(inputs)
-        extra = format_additional_args(additional_forward_args)
+        extra, keyword = split_forward_args(additional_forward_args)
         check_internal_batch_size(internal_batch_size)
         device = self._device()
-        check_device(inputs_tuple, extra, device)
+        check_device(inputs_tuple, extra, device, keyword)
         labels = normalize_target(target, inputs_tuple[0].shape[0], device)
-        return PreparedBatch(inputs_tuple, extra, labels, is_tuple)
+        return PreparedBatch(inputs_tuple, extra, labels, is_tuple, keyword)
 
     def _passes(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Iterator[SaliencyPass]:
         """One :class:`SaliencyPass` per chunk of samples. Call it inside
         ``evaluation_mode(self.model)``: the probe runs on the first chunk."""
-        batch, extra = prepared.batch, prepared.additional_forward_args
-        routing = self._routing_cache.routing(self.model, self._selection, prepared.inputs, extra)
+        batch, extra, keyword = prepared.batch, prepared.additional_forward_args, prepared.forward_kwargs
+        routing = self._routing_cache.routing(self.model, self._selection, prepared.inputs, extra, keyword)
         policy = KernelPolicy.for_device(self._device(), self.compile_kernels, self._kernels)
         step = internal_batch_size or batch
         for start in range(0, batch, step):
@@ -191,7 +200,7 @@ class ParameterSpaceAttribution(GradientAttribution):
                 self.model, self._selection, routing,
                 slice_batch(prepared.inputs, batch, start, stop), slice_batch(extra, batch, start, stop),
                 label_resolver(labels, self._default_loss), self.loss_fn, self._reduction, policy,
-                self.fallback_chunk_size,
+                self.fallback_chunk_size, slice_kwargs(keyword, batch, start, stop), self.output_fn,
             )
 
     def routing(self, inputs: TensorOrTupleOfTensors, additional_forward_args: Any = None) -> RoutingReport:
@@ -211,7 +220,8 @@ class ParameterSpaceAttribution(GradientAttribution):
         prepared = self._prepare(inputs, None, additional_forward_args, None)
         with evaluation_mode(self.model):
             routing = self._routing_cache.routing(
-                self.model, self._selection, prepared.inputs, prepared.additional_forward_args
+                self.model, self._selection, prepared.inputs, prepared.additional_forward_args,
+                prepared.forward_kwargs,
             )
         return routing_report(self._selection, routing)
 

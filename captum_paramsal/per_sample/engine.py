@@ -36,6 +36,22 @@ from .unit_values import Workspace, reduce_to_units
 TargetResolver = Callable[[Tensor], Tensor]
 
 
+def model_output_tensor(output: Any) -> Tensor:
+    """The tensor a loss explains in a model's output: the output itself, the ``logits`` of a
+    Hugging Face ``ModelOutput``, or the first element of a tuple."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"the model returned a {type(output).__name__}, which holds no logits or leading tensor; pass "
+        "output_fn= to pick the tensor to explain (e.g. output_fn=lambda out: out['scores'])"
+    )
+
+
 @dataclass(frozen=True)
 class SaliencyPass:
     """One batch and everything the engine needs to explain it.
@@ -53,6 +69,10 @@ class SaliencyPass:
     reduction: Reduction
     policy: KernelPolicy
     fallback_chunk_size: int
+    #: keyword arguments of the model (per-sample tensors among them are sliced like inputs)
+    forward_kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: ``output_fn(model output) -> Tensor``: what the loss sees (the logits of a ModelOutput)
+    output_fn: Callable[[Any], Tensor] = field(default=model_output_tensor)
 
     @property
     def batch(self) -> int:
@@ -61,8 +81,10 @@ class SaliencyPass:
     def with_inputs(self, inputs: Tuple[Tensor, ...]) -> SaliencyPass:
         return dataclasses.replace(self, inputs=inputs)
 
-    def forward(self) -> Any:
-        return self.model(*self.inputs, *self.additional_forward_args)
+    def forward(self) -> Tensor:
+        """The model's output on this batch, as the loss sees it (through :attr:`output_fn`)."""
+        output = self.model(*self.inputs, *self.additional_forward_args, **self.forward_kwargs)
+        return check_output(self.output_fn(output), self.output_fn)
 
 
 @dataclass(frozen=True)
@@ -107,16 +129,17 @@ def check_losses(losses: Tensor, batch: int) -> Tensor:
     return losses
 
 
-def check_output(output: Any) -> Tensor:
+def check_output(output: Any, output_fn: Optional[Callable] = None) -> Tensor:
     if not isinstance(output, Tensor):
-        raise TypeError(f"the model must return a Tensor, got {type(output).__name__}")
+        source = "output_fn" if output_fn not in (None, model_output_tensor) else "the model"
+        raise TypeError(f"{source} must return a Tensor, got {type(output).__name__}")
     return output
 
 
 def target_without_rules(run: SaliencyPass) -> Tensor:
     """The target of a batch that no rule pass has seen (only fallback parameters selected)."""
     with torch.no_grad():
-        output = check_output(run.forward())
+        output = run.forward()
         target = run.resolve_target(output)
         # the fallback calls loss_fn one sample at a time, where a batch-mean loss would
         # pass unnoticed: check its contract once on the whole batch
@@ -215,7 +238,7 @@ class _TappedPass:
         try:
             with torch.enable_grad():
                 with watch:  # the routing may be cached: check its first assumption again
-                    output = check_output(run.forward())
+                    output = run.forward()
                 for h in handles:  # a loss_fn that calls the model again must not be tapped
                     h.remove()
                 for name in watch.foreign_names():  # used outside its owners' calls: the fallback's

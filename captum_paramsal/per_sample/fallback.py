@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
 
+from .._utils import outside_stacklevel
 from .batching import is_per_sample, slice_batch
-from .reductions import Reduction
 from .selection import SelectedParameter
 
 if TYPE_CHECKING:
@@ -53,30 +54,98 @@ def _without_backward_hooks(model: nn.Module) -> Iterator[None]:
             m._backward_pre_hooks = pre_hooks
 
 
-def _unit_saliency_of_sample(
-    model: nn.Module,
-    params: Sequence[SelectedParameter],
-    additional_forward_args: Tuple[Any, ...],
-    per_sample_args: Sequence[int],
-    loss_fn: LossFn,
-    reduction: Reduction,
-):
+class _Extras:
+    """The model's extra arguments (positional and keyword) split into the per-sample tensors,
+    which vmap maps over, and everything else, which every sample shares."""
+
+    def __init__(self, run: SaliencyPass) -> None:
+        batch = run.batch
+        self.args = run.additional_forward_args
+        self.kwargs = dict(run.forward_kwargs)
+        self.keys = [("a", i) for i, a in enumerate(self.args) if is_per_sample(a, batch)]
+        self.keys += [("k", k) for k, v in self.kwargs.items() if is_per_sample(v, batch)]
+
+    def per_sample(self, start: int, stop: int) -> Dict[str, Tensor]:
+        """``{key: samples start:stop}`` of every per-sample extra argument."""
+        return {f"{kind}:{key}": (self.args[key] if kind == "a" else self.kwargs[key])[start:stop]
+                for kind, key in self.keys}
+
+    def call_arguments(self, one: Dict[str, Tensor]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """``(args, kwargs)`` of one sample, its per-sample tensors given (without the batch dim)."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for kind, key in self.keys:
+            value = one[f"{kind}:{key}"].unsqueeze(0)
+            if kind == "a":
+                args[key] = value
+            else:
+                kwargs[key] = value
+        return tuple(args), kwargs
+
+
+def _unit_saliency_of_sample(run: SaliencyPass, params: Sequence[SelectedParameter], extras: _Extras):
     """``f(sample, label, extras) -> (F_fallback,)``: one sample's units, for vmap."""
-    reduce = reduction.reduce
+    reduce = run.reduction.reduce
     primals = {p.name: p.param.detach() for p in params}
 
-    def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, extras) -> Tensor:
-        args = list(additional_forward_args)
-        for i, extra in zip(per_sample_args, extras):
-            args[i] = extra.unsqueeze(0)
-        output = functional_call(model, values, (*(x.unsqueeze(0) for x in sample), *args))
-        return loss_fn(output, label.unsqueeze(0)).sum()
+    def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, one) -> Tensor:
+        args, kwargs = extras.call_arguments(one)
+        output = functional_call(run.model, values, (*(x.unsqueeze(0) for x in sample), *args), kwargs)
+        return run.loss_fn(run.output_fn(output), label.unsqueeze(0)).sum()
 
-    def units(sample: Tuple[Tensor, ...], label: Tensor, extras) -> Tensor:
-        grads = grad(sample_loss)(primals, sample, label, extras)
+    def units(sample: Tuple[Tensor, ...], label: Tensor, one) -> Tensor:
+        grads = grad(sample_loss)(primals, sample, label, one)
         return torch.cat([reduce(p.grouping(grads[p.name].unsqueeze(0), p.grouping_module))[0] for p in params])
 
     return units
+
+
+def _without_vmap(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``function`` applied to one sample of each batched argument at a time (what vmap
+    computes, in a Python loop): for models whose forward vmap cannot trace."""
+
+    def looped(*batched: Any) -> Any:
+        count = batched[1].shape[0]  # the labels: one per sample
+        rows = [function(*(tree_map(lambda t, i=i: t[i], value) for value in batched)) for i in range(count)]
+        if isinstance(rows[0], tuple):  # input gradients: one per input
+            return tuple(torch.stack(parts) for parts in zip(*rows))
+        return torch.stack(rows)
+
+    return looped
+
+
+def _vmapped(function: Callable[..., Tensor], params: Sequence[SelectedParameter], what: str):
+    """``vmap(function)``, or where vmap cannot trace the model (data-dependent control flow,
+    an op without a batching rule that also fails unbatched ...), the same in a loop over
+    samples after one warning that names the parameters; an error naming them where that
+    fails too."""
+    mapped = vmap(function)
+    state = {"loop": False}
+
+    def run(*batched: Any) -> Tensor:
+        if not state["loop"]:
+            try:
+                return mapped(*batched)
+            except Exception as error:  # noqa: BLE001 - which errors vmap raises is not documented
+                names = ", ".join(p.name for p in params[:4]) + (", ..." if len(params) > 4 else "")
+                warnings.warn(
+                    f"the torch.func fallback for {names} could not vmap the model ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); computing their {what} one sample at a time, exactly but "
+                    "slowly. Select parameters that per-layer rules cover to avoid it (see .routing(inputs)).",
+                    RuntimeWarning,
+                    stacklevel=outside_stacklevel(),
+                )
+                state["loop"] = True
+        try:
+            return _without_vmap(function)(*batched)
+        except Exception as error:
+            names = ", ".join(p.name for p in params)
+            raise RuntimeError(
+                f"the torch.func fallback could not compute the per-sample {what} of {names}: {error}. These "
+                "parameters have no per-layer rule (see .routing(inputs)); leave them out of params=, or "
+                "register a rule for their layer (captum_paramsal.per_sample.register_rule)"
+            ) from error
+
+    return run
 
 
 @contextlib.contextmanager
@@ -86,30 +155,24 @@ def _functional_pass(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _chunks(
-    inputs: Tuple[Tensor, ...],
-    additional_forward_args: Tuple[Any, ...],
-    per_sample_args: Sequence[int],
-    target: Tensor,
-    chunk_size: int,
-) -> Iterator[Tuple[Tuple[Tensor, ...], Tensor, Tuple[Tensor, ...], slice]]:
+def _chunks(run: SaliencyPass, extras: _Extras, target: Tensor):
     """``(inputs, target, per-sample extra arguments, sample slice)`` of each chunk of samples."""
-    batch = inputs[0].shape[0]
-    for start in range(0, batch, chunk_size):
-        stop = min(start + chunk_size, batch)
-        extras = tuple(additional_forward_args[i][start:stop] for i in per_sample_args)
-        yield slice_batch(inputs, batch, start, stop), target[start:stop], extras, slice(start, stop)
+    batch = run.batch
+    for start in range(0, batch, run.fallback_chunk_size):
+        stop = min(start + run.fallback_chunk_size, batch)
+        yield slice_batch(run.inputs, batch, start, stop), target[start:stop], extras.per_sample(start, stop), slice(
+            start, stop
+        )
 
 
 def fallback_unit_saliency(run: SaliencyPass, params: Sequence[SelectedParameter], target: Tensor) -> Dict[str, Tensor]:
     """``{name: (B, units)}`` for ``params``, by torch.func per-sample gradients."""
-    extra = run.additional_forward_args
-    per_sample_args = [i for i, a in enumerate(extra) if is_per_sample(a, run.batch)]
-    units = vmap(_unit_saliency_of_sample(run.model, params, extra, per_sample_args, run.loss_fn, run.reduction))
+    extras = _Extras(run)
+    units = _vmapped(_unit_saliency_of_sample(run, params, extras), params, "gradients")
     rows = []
     with _functional_pass(run.model):
-        for chunk, labels, extras, _ in _chunks(run.inputs, extra, per_sample_args, target, run.fallback_chunk_size):
-            rows.append(units(chunk, labels, extras))
+        for chunk, labels, per_sample, _ in _chunks(run, extras, target):
+            rows.append(units(chunk, labels, per_sample))
     values = torch.cat(rows)
     split = torch.split(values, [p.num_units for p in params], dim=1)
     return {p.name: part for p, part in zip(params, split)}
@@ -120,17 +183,15 @@ def fallback_weighted_input_grads(
 ) -> Tuple[Tensor, ...]:
     """Per sample ``d/dx_i sum_u weights[i, u] * s_i[u]`` over the fallback units (a second
     derivative: ``grad`` of a function that takes ``grad``), chunked like the saliency."""
-    extra = run.additional_forward_args
-    per_sample_args = [i for i, a in enumerate(extra) if is_per_sample(a, run.batch)]
-    units = _unit_saliency_of_sample(run.model, params, extra, per_sample_args, run.loss_fn, run.reduction)
+    extras = _Extras(run)
+    units = _unit_saliency_of_sample(run, params, extras)
 
-    def weighted(sample: Tuple[Tensor, ...], label: Tensor, extras, row: Tensor) -> Tensor:
-        return (units(sample, label, extras) * row).sum()
+    def weighted(sample: Tuple[Tensor, ...], label: Tensor, one, row: Tensor) -> Tensor:
+        return (units(sample, label, one) * row).sum()
 
-    input_grads = vmap(grad(weighted))
+    input_grads = _vmapped(grad(weighted), params, "input gradients")
     parts = []
     with _functional_pass(run.model):
-        for chunk, labels, extras, samples in _chunks(run.inputs, extra, per_sample_args, target,
-                                                       run.fallback_chunk_size):
-            parts.append(input_grads(tuple(x.detach() for x in chunk), labels, extras, weights[samples]))
+        for chunk, labels, per_sample, samples in _chunks(run, extras, target):
+            parts.append(input_grads(tuple(x.detach() for x in chunk), labels, per_sample, weights[samples]))
     return tuple(torch.cat([part[i] for part in parts]) for i in range(len(run.inputs)))

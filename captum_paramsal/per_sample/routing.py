@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .batching import slice_batch
+from .batching import slice_batch, slice_kwargs
 from .call import CallInputs, batch_first, call_inputs, is_tapped, output_tensors
 from .registry import explain_rule, rule_for_module
 from .selection import SelectedParameter, Selection
@@ -199,8 +199,12 @@ def route(
     selection: Selection,
     inputs: Tuple[Tensor, ...],
     additional_forward_args: Tuple[Any, ...],
+    forward_kwargs: Optional[Dict[str, Any]] = None,
 ) -> Routing:
-    """Run the probe on the first sample of ``inputs`` and return the :class:`Routing`."""
+    """Run the probe on the first sample of ``inputs`` and return the :class:`Routing`.
+
+    Only per-sample tensors (batch on dim 0) of the extra arguments are cut to the first
+    sample; everything else (a cache object, a flag, a shared mask) is passed unchanged."""
     reasons = {p.name: p.why_no_rule() for p in selection.params if not p.has_rule}
     candidates = [p for p in selection.params if p.name not in reasons]
     if not candidates:
@@ -226,7 +230,8 @@ def route(
         for module in rule_modules:
             handles.append(module.register_forward_hook(record, with_kwargs=True))
         with torch.enable_grad(), watch:
-            model(*slice_batch(inputs, batch, 0, 1), *slice_batch(additional_forward_args, batch, 0, 1))
+            kwargs = slice_kwargs(forward_kwargs or {}, batch, 0, 1)
+            model(*slice_batch(inputs, batch, 0, 1), *slice_batch(additional_forward_args, batch, 0, 1), **kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -276,15 +281,18 @@ class RoutingCache:
         selection: Selection,
         inputs: Tuple[Tensor, ...],
         additional_forward_args: Tuple[Any, ...],
+        forward_kwargs: Optional[Dict[str, Any]] = None,
     ) -> Routing:
         batch = inputs[0].shape[0]
+        kwargs = forward_kwargs or {}
         signature = _signature(inputs, batch)
-        extra = _signature(additional_forward_args, batch)
+        keyed = [part for key in sorted(kwargs) for part in (key, kwargs[key])]
+        extra = _signature((*additional_forward_args, *keyed), batch)
         key = None if signature is None or extra is None else (signature, extra)
         if key is not None and key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        result = route(model, selection, inputs, additional_forward_args)
+        result = route(model, selection, inputs, additional_forward_args, kwargs)
         if key is not None:
             self._entries[key] = result
             while len(self._entries) > self.size:
