@@ -282,8 +282,13 @@ def recurrent_per_sample_grads(
         for rec, what in wanted:
             targets.extend([rec.pre] if what == "pre" else rec.hs)
         outs, cots = [], []
-        for value, grad in ((output, d_out), (h_n, d_h), (c_n, d_c)):
+        for what, value, grad in (("output", output, d_out), ("h_n", h_n, d_h), ("c_n", c_n, d_c)):
             if value is not None and grad is not None:
+                if grad.shape != value.shape:
+                    raise ValueError(
+                        f"the gradient at {what} has shape {tuple(grad.shape)}, expected batch first "
+                        f"{tuple(value.shape)}"
+                    )
                 outs.append(value)
                 cots.append(grad)
         if outs:
