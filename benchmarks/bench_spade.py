@@ -77,7 +77,7 @@ def run_case(name: str, reps: int, augmentations: int, sparsity: float, log) -> 
     for run in runners.values():
         run()
     times = interleaved_times(runners, reps, dev, log)
-    pruned = sum(round(sparsity * dict(model.named_modules())[n].weight.numel()) for n in moments)
+    pruned = sum(round(sparsity * dict(model.named_parameters())[n].numel()) for n in moments)
     rows = []
     for phase, values in times.items():
         rows.append((name, phase, f"{median(values):.3f}", f"{min(values):.3f}", str(len(moments)), f"{pruned:,}"))

@@ -31,7 +31,7 @@ from captum_paramsal.spade import (
 from captum_paramsal.spade.second_moments import SecondMomentCollector, grouped_weight
 from captum_paramsal.spade.solver import inverse_hessian_factor, sparsegpt_mask_and_weights
 
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+from helpers import assert_unchanged, snapshot
 
 
 class Net(nn.Module):
@@ -236,22 +236,22 @@ def test_second_moment_quadratic_form(layer, shape):
 
 def test_each_layer_reaches_its_sparsity_exactly(model, images):
     pruning = small_pruning(model, sparsity=0.83)
-    assert list(pruning.layer_sparsity) == PRUNABLE
+    assert list(pruning.layer_sparsity) == [f"{name}.weight" for name in PRUNABLE]
     weights = pruning.pruned_weights(images[:1])
-    assert set(weights) == set(PRUNABLE)
-    modules = dict(model.named_modules())
+    assert set(weights) == {f"{name}.weight" for name in PRUNABLE}
+    params = dict(model.named_parameters())
     for name, w in weights.items():
-        assert w.shape == modules[name].weight.shape
+        assert w.shape == params[name].shape
         assert int((w == 0).sum()) == round(0.83 * w.numel()), name
 
 
 def test_per_layer_sparsity_dict(model, images):
     dense = {k: v.clone() for k, v in model.state_dict().items()}
-    pruning = small_pruning(model, sparsity={"conv2": 0.5, "dw": 0.25, "fc1": 0.9})
+    pruning = small_pruning(model, sparsity={"conv2.weight": 0.5, "dw.weight": 0.25, "fc1.weight": 0.9})
     with pruning.pruned(images[:1]) as weights:
-        assert set(weights) == {"conv2", "dw", "fc1"}
-        for name, s in {"conv2": 0.5, "dw": 0.25, "fc1": 0.9}.items():
-            weight = dict(model.named_modules())[name].weight
+        assert set(weights) == {"conv2.weight", "dw.weight", "fc1.weight"}
+        for name, s in {"conv2.weight": 0.5, "dw.weight": 0.25, "fc1.weight": 0.9}.items():
+            weight = dict(model.named_parameters())[name]
             assert int((weight == 0).sum()) == round(s * weight.numel())
         for name in ("conv1.weight", "fc2.weight", "bn.weight", "fc1.bias"):
             assert torch.equal(model.state_dict()[name], dense[name])
@@ -271,43 +271,12 @@ def test_pruned_network_tracks_the_dense_one_on_its_sample(model, images):
             w = dict(model.named_modules())[name].weight
             m = w.clone()
             m.view(-1)[w.abs().flatten().argsort()[: round(0.5 * w.numel())]] = 0
-            magnitude[name] = m
-        from captum_paramsal.spade import swapped_weights
+            magnitude[f"{name}.weight"] = m
+        from captum_paramsal.interventions import swapped_parameters
 
-        with swapped_weights(model, magnitude):
+        with swapped_parameters(model, magnitude):
             naive = model(x)
     assert (spade - dense).norm() < 0.5 * (naive - dense).norm()
-
-
-def snapshot(model):
-    return {
-        "values": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "buffers": {n: b.clone() for n, b in model.named_buffers()},
-        "storage": {n: p.data_ptr() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "grad": {n: p.grad for n, p in model.named_parameters()},
-        "grad_values": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "versions": {n: p._version for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {n: [dict(getattr(m, h)) for h in HOOK_DICTS] for n, m in model.named_modules()},
-    }
-
-
-def assert_same_state(model, before):
-    after = snapshot(model)
-    for name, value in before["values"].items():
-        assert torch.equal(after["values"][name], value), name  # bit for bit
-    for name, value in before["buffers"].items():
-        assert torch.equal(after["buffers"][name], value), name
-    assert after["storage"] == before["storage"]
-    assert after["requires_grad"] == before["requires_grad"]
-    assert after["versions"] == before["versions"]
-    for name, grad in before["grad"].items():
-        assert after["grad"][name] is grad
-        if grad is not None:
-            assert torch.equal(grad, before["grad_values"][name])
-    assert after["training"] == before["training"]
-    assert after["hooks"] == before["hooks"]
 
 
 class Probe(Attribution):
@@ -345,11 +314,11 @@ def test_exact_restore(model, images):
     for zeros in probe.zeros:  # pruned while the wrapped method ran
         for name in PRUNABLE:
             assert zeros[name] == round(0.75 * modules[name].weight.numel())
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
     SPADE(Saliency(model), n_augmentations=8).attribute(images, target=1)
     ParameterSaliencyRun = SPADE(ParameterSaliency(model), n_augmentations=8)
     ParameterSaliencyRun.attribute(images[:1], target=0)
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 def test_exact_restore_on_error(model, images):
@@ -357,11 +326,11 @@ def test_exact_restore_on_error(model, images):
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="wrapped method failed"):
         SPADE(Probe(model, fail=True), n_augmentations=8).attribute(images[:1])
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
     with pytest.raises(KeyError):
         with small_pruning(model).pruned(images[:1]):
             raise KeyError("inside")
-    assert_same_state(model, before)
+    assert_unchanged(model, before)
 
 
 # --------------------------------------------------------------------------- the Captum wrapper
@@ -487,32 +456,34 @@ def test_custom_augmentation_and_tuple_inputs():
 # --------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, float("nan"), {"fc1": 1.0}, {"fc1": -0.5}])
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, float("nan"), {"fc1.weight": 1.0}, {"fc1.weight": -0.5}])
 def test_sparsity_out_of_range(model, sparsity):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         SampleTargetedPruning(model, sparsity=sparsity)
 
 
-@pytest.mark.parametrize("sparsity", [True, "0.5", None, {"fc1": "0.5"}])
+@pytest.mark.parametrize("sparsity", [True, "0.5", None, {"fc1.weight": "0.5"}])
 def test_sparsity_of_wrong_type(model, sparsity):
     with pytest.raises(TypeError):
         SampleTargetedPruning(model, sparsity=sparsity)
 
 
 def test_unknown_and_unsupported_layers(model):
-    with pytest.raises(ValueError, match="no layer named 'nope'"):
+    with pytest.raises(ValueError, match="no parameter named 'nope'"):
         SampleTargetedPruning(model, sparsity={"nope": 0.5})
-    with pytest.raises(ValueError, match="did you mean 'fc1'"):
+    with pytest.raises(ValueError, match="did you mean 'fc1.weight'"):
         SampleTargetedPruning(model, sparsity={"fc_1": 0.5})
-    with pytest.raises(ValueError, match="name the layer, 'fc1'"):
-        SampleTargetedPruning(model, sparsity={"fc1.weight": 0.5})
+    with pytest.raises(ValueError, match="names the module 'fc1'.*use 'fc1.weight'"):
+        SampleTargetedPruning(model, sparsity={"fc1": 0.5})
+    with pytest.raises(ValueError, match="cannot be pruned.*BatchNorm2d"):
+        SampleTargetedPruning(model, sparsity={"bn.weight": 0.5})
     with pytest.raises(ValueError, match="cannot be pruned.*BatchNorm2d"):
         SampleTargetedPruning(model, sparsity={"bn": 0.5})
     with pytest.raises(ValueError, match="empty dict"):
         SampleTargetedPruning(model, sparsity={})
     net3d = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.LazyLinear(2))
     with pytest.raises(ValueError, match="cannot be pruned.*Conv3d"):
-        SampleTargetedPruning(net3d, sparsity={"0": 0.5})
+        SampleTargetedPruning(net3d, sparsity={"0.weight": 0.5})
     with pytest.raises(ValueError, match="no prunable layer"):
         SampleTargetedPruning(nn.Sequential(nn.ReLU()))
 

@@ -219,12 +219,14 @@ def select_samples(model: nn.Module, clean, triggered, setup: TrojanSetup):
 
 
 def spade_sparsity(model: nn.Module, sparsity: float, keep_dense: Sequence[str]) -> Union[float, Dict[str, float]]:
-    """One float for every layer, or a dict that leaves the ``keep_dense`` layers out."""
+    """One float for every layer, or a dict that leaves the ``keep_dense`` layers out (named by
+    parameter, ``conv1.weight``, or by module, ``conv1``)."""
     from ..spade import SampleTargetedPruning
 
     if not keep_dense:
         return sparsity
     layers = SampleTargetedPruning.prunable_layers(model)
+    keep_dense = [name if name in layers else f"{name}.weight" for name in keep_dense]
     unknown = sorted(set(keep_dense) - set(layers))
     if unknown:
         raise ValueError(f"--keep-dense names no prunable layer: {unknown}; the layers are {layers}")

@@ -48,7 +48,7 @@ Examples::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -62,9 +62,10 @@ if TYPE_CHECKING:
 PerSampleRule = Callable[[nn.Module, "CallInputs", Tensor, FrozenSet[str]], Dict[str, PerSampleGrad]]
 #: ``grouping(per_sample_grad (B, *shape), module) -> (B, units, entries_per_unit)``
 UnitGrouping = Callable[[Tensor, nn.Module], Tensor]
-#: ``input_rows(module, input) -> (G, N, D)``: per group, the ``N`` rows that multiply the
-#: weight's ``(G, R, D)`` view (see SPADE's second moments)
-InputRows = Callable[[nn.Module, Tensor], Tensor]
+#: ``input_rows(module, input, max_elements) -> chunks (G, D, n)``: per group, the rows that
+#: multiply the weight's ``(G, R, D)`` view, as columns, a bounded chunk at a time (SPADE's
+#: second moments ``X X^T`` sum them)
+InputRows = Callable[[nn.Module, Tensor, int], Iterator[Tensor]]
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,9 @@ def register_rule(
             ``params=`` is given (the weight matrices and filters, not biases or norms).
         subclasses: also cover subclasses of ``module_types`` that do not override
             ``forward`` (the nearest registered class wins).
-        input_rows: ``input_rows(module, input) -> (G, N, D)``, the rows that multiply the
-            weight (for SPADE); None where the layer is not a matrix product of its input.
+        input_rows: ``input_rows(module, input, max_elements)``, the rows that multiply the
+            weight as ``(G, D, n)`` column chunks (for SPADE); None where the layer is not a
+            matrix product of its input.
         name: how the routing report names the rule (default: the function's name).
         batch_dims: ``batch_dims(module, inputs, output) -> (input dims, output dims)``: which
             dim of each tensor input and each tensor output holds the batch (a sequence-first

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .._utils import TensorOrTupleOfTensors, evaluation_mode, format_additional_args, format_inputs
 from ..interventions import swapped_parameters
 from .augment import AugmentFn, augmented_batch
-from .second_moments import SUPPORTED_TYPES, SecondMoment, SecondMomentCollector, grouped_weight, groups_of
+from .second_moments import SecondMoment, SecondMomentCollector, grouped_weight, groups_of, supported_types
 from .solver import check_percdamp, check_sparsity, exact_reconstruction, sparsegpt_mask_and_weights
 
 SparsityType = Union[float, Mapping[str, float]]
@@ -348,7 +348,7 @@ def resolve_sparsity(model: nn.Module, sparsity: SparsityType) -> Dict[str, floa
 
 def _prunable(module: nn.Module) -> Optional[str]:
     """None when SPADE prunes ``module``'s weight, else the reason it does not."""
-    if not isinstance(module, SUPPORTED_TYPES):
+    if not isinstance(module, supported_types()):
         kind = type(module).__name__
         if isinstance(module, (nn.Conv3d, nn.modules.conv._ConvTransposeNd)):
             return f"it is a {kind}; SPADE prunes the weights of Linear, Conv1d and Conv2d layers only"

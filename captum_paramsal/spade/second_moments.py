@@ -12,44 +12,37 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: layer types with a moment rule; everything else (norm layers, Conv3d, ConvTranspose) stays dense
-SUPPORTED_TYPES: Tuple[type, ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+from ..per_sample.registry import find_rule, prunable_types
 
 #: unfolded elements processed at once inside a hook (bounds the hook's memory)
 _CHUNK_ELEMENTS = 1 << 25
 
 
+def supported_types() -> Tuple[type, ...]:
+    """The layer types SPADE prunes: those whose per-layer rule says which rows multiply the
+    weight (``input_rows`` in the registry: Linear, Conv1d and Conv2d). Everything else (norm
+    layers, Conv3d, ConvTranspose) stays dense."""
+    return prunable_types()
+
+
 def groups_of(module: nn.Module) -> int:
-    return module.groups if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+    """The weight's groups (a grouped convolution's ``groups``; 1 for a Linear layer)."""
+    return int(getattr(module, "groups", 1))
 
 
 def grouped_weight(module: nn.Module) -> Tensor:
-    """The weight as ``(G, R, C)``: groups, output rows per group, inputs (unfolded) per row."""
+    """The weight as ``(G, R, C)``: groups, output rows per group, inputs (unfolded) per row.
+
+    Examples::
+
+        >>> grouped_weight(nn.Conv2d(4, 6, 3, groups=2)).shape
+        torch.Size([2, 3, 18])
+    """
     weight = module.weight
     groups = groups_of(module)
     return weight.reshape(groups, weight.shape[0] // groups, -1)
-
-
-def _unfold(module: nn.Module, x: Tensor) -> Tensor:
-    """``(N, G*D, L)``: a convolution's input patches, ``D`` the weight's inputs per output row."""
-    conv2d = isinstance(module, nn.Conv2d)
-    # the module's own padding (string forms "same"/"valid" and every padding_mode included),
-    # applied the way Conv*d._conv_forward does, so that unfold below needs none
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    if conv2d:
-        return F.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
-    return F.unfold(
-        x.unsqueeze(2),
-        (1, module.kernel_size[0]),
-        dilation=(1, module.dilation[0]),
-        stride=(1, module.stride[0]),
-    )
 
 
 @dataclass
@@ -102,7 +95,7 @@ class SecondMomentCollector:
             for name, layers in self.layers.items():
                 group = [layers] if isinstance(layers, nn.Module) else list(layers)
                 for module in group:
-                    if not isinstance(module, SUPPORTED_TYPES):
+                    if not isinstance(module, supported_types()):
                         raise TypeError(f"layer {name!r} ({type(module).__name__}) has no second-moment rule")
                 if len({(type(m), groups_of(m), tuple(m.weight.shape)) for m in group}) > 1:
                     raise TypeError(f"the layers of {name!r} differ in type, groups or weight shape")
@@ -143,31 +136,7 @@ class SecondMomentCollector:
             moment = SecondMoment(torch.zeros(groups, per_group, per_group, dtype=dtype, device=weight.device))
             self.moments[name] = moment
         x = x.detach().to(device=weight.device, dtype=dtype)
-        if isinstance(module, nn.Linear):
-            rows = x.reshape(-1, x.shape[-1])
-            step = max(1, _CHUNK_ELEMENTS // max(1, rows.shape[1]))
-            for i in range(0, rows.shape[0], step):
-                chunk = rows[i : i + step]
-                moment.matrix[0].addmm_(chunk.T, chunk)
-                moment.rows += chunk.shape[0]
-            return
-        if x.dim() == (3 if isinstance(module, nn.Conv2d) else 2):  # an unbatched call
-            x = x.unsqueeze(0)
-        step = max(1, _CHUNK_ELEMENTS // max(1, x[0].numel() * _patch_factor(module)))
-        for i in range(0, x.shape[0], step):
-            patches = _unfold(module, x[i : i + step])  # (N, G*D, L)
-            n, _, positions = patches.shape
-            grouped = patches.reshape(n, groups, per_group, positions).permute(1, 2, 0, 3)
-            grouped = grouped.reshape(groups, per_group, n * positions)
-            moment.matrix.baddbmm_(grouped, grouped.transpose(1, 2))
-            moment.rows += n * positions
-
-
-def _patch_factor(module: nn.Module) -> int:
-    """How much unfolding inflates an input: the kernel's size over the stride's."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        kernel = 1
-        for k, s in zip(module.kernel_size, module.stride):
-            kernel *= max(1, -(-k // s))
-        return kernel
-    return 1
+        rows_of = find_rule(module, "weight").input_rows
+        for columns in rows_of(module, x, _CHUNK_ELEMENTS):  # (G, D, n)
+            moment.matrix.baddbmm_(columns, columns.transpose(1, 2))
+            moment.rows += columns.shape[-1]

@@ -12,7 +12,7 @@ weight (SPADE) are the patches.
 from __future__ import annotations
 
 import math
-from typing import Dict, FrozenSet, List, Tuple
+from typing import Dict, FrozenSet, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -88,17 +88,21 @@ def _kernel_pull_back_untracked(
     return [(grad_output, d_grad_output.reshape(grad_output.shape)), (x, d_x.reshape(x.shape))]
 
 
-def conv_input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """``(G, C_in/G * K, N * P)``: per group, every patch of the batch ``x``, one column each
-    (entries in the order of the weight's flattened ``(C_in/G, *kernel)``)."""
+def conv_input_rows(module: nn.Module, x: Tensor, max_elements: int) -> Iterator[Tensor]:
+    """``(G, C_in/G * K, n * P)`` chunks: per group, every patch of the batch ``x``, one column
+    each (entries in the order of the weight's flattened ``(C_in/G, *kernel)``), a chunk of
+    samples whose patches hold at most about ``max_elements`` values at a time."""
     if x.dim() == len(module.kernel_size) + 1:  # an unbatched call
         x = x.unsqueeze(0)
-    x, padding = _padded_input(module, x)
-    cols = im2col(x, module.kernel_size, module.stride, module.dilation, padding)  # (N, C, K, P)
-    n, channels, taps, positions = cols.shape
+    inflation = math.prod(max(1, -(-k // s)) for k, s in zip(module.kernel_size, module.stride))
+    step = max(1, max_elements // max(1, x[0].numel() * inflation))
     groups = module.groups
-    grouped = cols.reshape(n, groups, (channels // groups) * taps, positions).permute(1, 2, 0, 3)
-    return grouped.reshape(groups, (channels // groups) * taps, n * positions)
+    for start in range(0, x.shape[0], step):
+        chunk, padding = _padded_input(module, x[start : start + step])
+        cols = im2col(chunk, module.kernel_size, module.stride, module.dilation, padding)  # (n, C, K, P)
+        n, channels, taps, positions = cols.shape
+        grouped = cols.reshape(n, groups, (channels // groups) * taps, positions).permute(1, 2, 0, 3)
+        yield grouped.reshape(groups, (channels // groups) * taps, n * positions)
 
 
 def conv_per_sample_grads(

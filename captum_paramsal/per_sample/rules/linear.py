@@ -8,7 +8,7 @@ vectors at every position.
 
 from __future__ import annotations
 
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, Iterator
 
 from torch import Tensor, nn
 
@@ -17,9 +17,13 @@ from ..grads import DenseGrad, LowRankGrad, PerSampleGrad
 from ..registry import register_rule
 
 
-def linear_input_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """``(1, in_features, N)``: every input vector of the batch, one column each."""
-    return x.reshape(-1, module.in_features).T.unsqueeze(0)
+def linear_input_rows(module: nn.Module, x: Tensor, max_elements: int) -> Iterator[Tensor]:
+    """``(1, in_features, N)`` chunks: every input vector of ``x``, one column each, at most
+    ``max_elements`` values a chunk."""
+    rows = x.reshape(-1, module.in_features)
+    step = max(1, max_elements // max(1, module.in_features))
+    for start in range(0, rows.shape[0], step):
+        yield rows[start : start + step].T.unsqueeze(0)
 
 
 @register_rule(nn.Linear, default=("weight",), subclasses=True, input_rows=linear_input_rows, name="linear")
