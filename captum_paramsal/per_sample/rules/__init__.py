@@ -6,4 +6,4 @@ and, where a parameter's units are not along index 0, its grouping with
 file here (and one import below).
 """
 
-from . import conv, conv_transpose, layer_norm, linear  # noqa: F401  (register their rules)
+from . import conv, conv_transpose, layer_norm, linear, recurrent  # noqa: F401  (register their rules)
