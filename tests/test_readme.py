@@ -6,9 +6,7 @@ README marks with an HTML comment on the line just before it,
 
     <!-- not run: REASON -->
 
-is skipped, and the test says which block and why. One block gets a prelude: the
-rule-registration sketch registers a rule for ``MyScale``, a user's own layer that the README
-does not define, so the test defines it (an empty ``nn.Module`` subclass) first.
+is skipped, and the test says which block and why.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ README = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
 NOT_RUN = re.compile(r"<!--\s*not run:\s*(.*?)\s*-->")
 # files a block writes by name: obj.save("f"), fig.savefig("f"), path="f"
 WRITES = re.compile(r"""(?:\.save|\.savefig)\(\s*["']([^"']+)["']|\bpath\s*=\s*["']([^"']+)["']""")
-USER_LAYER_PRELUDE = "import torch.nn as nn\n\n\nclass MyScale(nn.Module):\n    pass\n\n\n"
 
 
 class Block(NamedTuple):
@@ -68,11 +65,8 @@ def test_the_readme_has_python_examples():
 def test_readme_block_runs_on_its_own(block, tmp_path):
     if block.skip_reason is not None:
         pytest.skip(f"README.md python block {block.index} (line {block.line}) is marked not run: {block.skip_reason}")
-    code = block.code
-    if "MyScale" in code:
-        code = USER_LAYER_PRELUDE + code
     script = tmp_path / f"readme_block_{block.index}.py"
-    script.write_text(code)
+    script.write_text(block.code)
     env = dict(os.environ, MPLBACKEND="Agg")
     done = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
