@@ -61,7 +61,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         stats: reference :class:`SaliencyStats`; without them the raw profile is used.
         k: how many top units to boost (default 10).
         boost_factor: the factor for the chosen units (default 100; must be > 0).
-        loss_fn, params, reduction, fallback_chunk_size, compile_kernels: as in
+        loss_fn, params, reduction, fallback_chunk_size, compile_kernels, output_fn: as in
             :class:`ParameterSaliency` (``compile_kernels`` speeds up both the
             saliency that picks the units and, for ``mean_abs``, the pull-back of
             its gradient through the same low-rank layers).
@@ -98,11 +98,12 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         fallback_chunk_size: int = 16,
         compile_kernels: bool = False,
         parameter_saliency: Optional[ParameterSaliency] = None,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
     ) -> None:
         if parameter_saliency is None:
             # the saliency that picks the units, with its statistics checked against its layout
             parameter_saliency = ParameterSaliency(
-                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels
+                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels, output_fn
             )
             super().__init__(model, share=parameter_saliency)
         else:
@@ -113,7 +114,8 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
             if stats is not None:
                 raise ValueError("with parameter_saliency=, the statistics are its own: leave stats out")
             super().__init__(
-                model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, share=parameter_saliency
+                model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, share=parameter_saliency,
+                output_fn=output_fn,
             )
         self.parameter_saliency = parameter_saliency
         self.k = self._check_k(k)

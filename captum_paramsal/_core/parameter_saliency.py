@@ -66,6 +66,10 @@ class ParameterSaliency(ParameterSpaceAttribution):
             the first), and a CPU needs a C++ compiler. Worth it for long passes
             (:meth:`fit_stats`, many batches); where compiling fails it warns and
             goes on without. Default False.
+        output_fn: ``output_fn(model output) -> Tensor``: the tensor the loss is computed
+            on. Default: the output itself, the ``logits`` of a Hugging Face ``ModelOutput``,
+            or a tuple's first element. For a causal language model's next token, for
+            example, ``output_fn=lambda out: out.logits[:, -1]``.
 
     Attributes:
         layout (SaliencyLayout): the columns of the result: one entry per
@@ -101,8 +105,9 @@ class ParameterSaliency(ParameterSpaceAttribution):
         fallback_chunk_size: int = 16,
         stats: Optional[SaliencyStats] = None,
         compile_kernels: bool = False,
+        output_fn: Optional[Callable[[Any], Tensor]] = None,
     ) -> None:
-        super().__init__(model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels)
+        super().__init__(model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn=output_fn)
         self.fingerprint = layout_fingerprint(self.layout, self.reduction, self.loss_name)
         self.stats = stats
 
@@ -136,8 +141,10 @@ class ParameterSaliency(ParameterSpaceAttribution):
                 tensor with one per sample, or None for each sample's predicted
                 class.
             additional_forward_args: extra arguments to the model after the
-                inputs; a tensor whose first dimension is ``B`` is per sample,
-                anything else is passed unchanged to every sample.
+                inputs: a tuple is passed by position, a dict by keyword (for example
+                ``{"attention_mask": mask}`` for a Hugging Face model); a tensor whose
+                first dimension is ``B`` is per sample, anything else is passed
+                unchanged to every sample.
             internal_batch_size: at most this many samples per forward/backward,
                 which bounds memory; None processes the batch at once.
             standardize: with :attr:`stats` set, return z-scores (default) or,
