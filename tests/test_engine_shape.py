@@ -416,3 +416,30 @@ def test_without_declared_batch_dims_a_sequence_first_layer_goes_to_the_fallback
     assert report.fallback == ("layer.weight",)
     assert "does not have the batch on dim 0" in report[0].reason
     assert rel_err(ps.attribute(x, target=y), naive_unit_saliency(model, (x,), y, list(ps.layout.names))) < 1e-10
+
+
+class ReadsMetadata(nn.Module):
+    """Reads a weight's dtype, shape and size outside its module, as T5's
+    ``h.to(self.wo.weight.dtype)`` does, and uses its values outside only in ``uses_values``."""
+
+    def __init__(self, uses_values: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.uses_values = uses_values
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x)).to(self.b.weight.dtype)
+        assert self.b.weight.shape[0] == 3 and self.b.weight.size(1) == 5 and self.b.weight.dim() == 2
+        if self.uses_values:
+            h = h + self.b.weight.sum() * 0.1
+        return self.b(h)
+
+
+def test_reading_a_weights_metadata_outside_its_module_keeps_the_rule():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 4, dtype=torch.float64), _labels(4, 3)
+    for uses_values, fallback in ((False, ()), (True, ("b.weight",))):
+        model = ReadsMetadata(uses_values).double()
+        ps = ParameterSaliency(model)
+        assert ps.routing(x).fallback == fallback
+        assert rel_err(ps.attribute(x, target=y), naive_unit_saliency(model, (x,), y, list(ps.layout.names))) < 1e-10

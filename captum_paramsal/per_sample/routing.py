@@ -118,6 +118,23 @@ class Routing:
         return all(t.dim() > 0 and t.shape[0] == batch and tuple(t.shape[1:]) == shape for t, shape in pairs)
 
 
+#: Tensor attributes and methods that read a parameter's metadata, never its values: using
+#: them outside the module (``h.to(self.fc2.weight.dtype)``, as T5 does) does not make the
+#: per-layer rule wrong
+_METADATA = frozenset({
+    "dtype", "device", "shape", "ndim", "layout", "is_cuda", "is_leaf", "is_sparse", "is_quantized", "is_meta",
+    "requires_grad", "names", "size", "dim", "ndimension", "numel", "nelement", "stride", "element_size",
+    "is_floating_point", "is_complex", "is_contiguous", "get_device", "data_ptr", "storage_offset",
+})
+
+
+def _reads_metadata_only(func: Any) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property of the tensor: its descriptor names it
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
+
+
 class _ParameterUseRecorder(TorchFunctionMode):
     """Flags watched parameters used by an op outside a call of one of their owners."""
 
@@ -129,6 +146,8 @@ class _ParameterUseRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _reads_metadata_only(func):
+            return func(*args, **kwargs)
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, Tensor) and id(leaf) in self.owners:
                 if not self.stack or id(self.stack[-1]) not in self.owners[id(leaf)]:
