@@ -1,4 +1,5 @@
-"""Edit chosen units of a model for the length of a ``with`` block (SPEC §4).
+"""Edit chosen units of a model for the length of a ``with`` block (docs/METHOD.md, "The paper's validation
+experiments").
 
 ``turn_off`` zeroes each unit's weight slice (and, with ``bias=True``, its bias entry),
 ``boost`` multiplies them by a factor, ``perturb`` adds noise. Units are named as everywhere

@@ -2,7 +2,8 @@
 
 A *unit* is what the saliency computes one number for: a convolution's output filter, a
 Linear layer's output row, a transposed convolution's output channel, index 0 of any other
-parameter (SPEC §1). Wherever the library takes units (the interventions
+parameter (docs/METHOD.md, "Units, reductions and the selected parameters"). Wherever the
+library takes units (the interventions
 :func:`~captum_paramsal.interventions.turn_off` / ``boost`` / ``perturb``, the fine-tuning test
 :func:`~captum_paramsal.analysis.finetune_salient`, the pruning curves, the input saliency's
 ``units=``), a unit may be written in any of these forms:

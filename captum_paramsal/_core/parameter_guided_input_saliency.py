@@ -173,7 +173,8 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         additional_forward_args: Any = None,
         internal_batch_size: Optional[int] = None,
     ) -> TensorOrTupleOfTensors:
-        r"""Per-sample ``dO/dx`` (SPEC §3), the shape of ``inputs``.
+        r"""Per-sample ``dO/dx`` (docs/METHOD.md, "Which input features make the units malfunction"), the shape
+        of ``inputs``.
 
         Args:
             inputs: a floating-point batch, or a tuple of batches.

@@ -197,7 +197,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         internal_batch_size: Optional[int] = None,
         shard: Optional[bool] = None,
     ) -> SaliencyStats:
-        """Reference statistics over ``data`` in one streaming pass (SPEC §2).
+        """Reference statistics over ``data`` in one streaming pass (docs/METHOD.md, "Standardization").
 
         Args:
             data: an iterable of ``(inputs, labels)`` batches, a DataLoader

@@ -31,7 +31,8 @@ class DatasetProfiles:
         num_correct (int): samples whose prediction (argmax of the model's output) is their label.
         num_misclassified (int): the others.
         mean_raw_correct, mean_raw_misclassified (Tensor or None): the mean raw profile
-            (mean ``|grad|`` per unit, or the signed mean for ``reduction="mean"``).
+            (the reduction's value per unit: mean ``|grad|``, the signed mean or the rms).
+        value_label (str): what the raw values are, for the plot's axis.
         mean_z_correct, mean_z_misclassified (Tensor or None): the mean standardized profile
             (z-scores against the reference statistics); ``None`` as well when the profiles were
             computed with ``standardize=False``.
@@ -52,6 +53,8 @@ class DatasetProfiles:
     mean_raw_misclassified: Optional[Tensor]
     mean_z_correct: Optional[Tensor] = None
     mean_z_misclassified: Optional[Tensor] = None
+    #: what the raw values are (the reduction's label, e.g. "mean |grad|")
+    value_label: str = "mean |grad|"
 
     @property
     def num_samples(self) -> int:
@@ -142,7 +145,7 @@ class DatasetProfiles:
 
             >>> result.plot().savefig("mean_profiles.png")
         """
-        panels = [("raw", self.mean_raw_correct, self.mean_raw_misclassified, "mean saliency (mean |grad|)")]
+        panels = [("raw", self.mean_raw_correct, self.mean_raw_misclassified, f"mean saliency ({self.value_label})")]
         if self.standardized:
             panels.append(
                 ("standardized", self.mean_z_correct, self.mean_z_misclassified, "mean standardized saliency (z)")
@@ -268,6 +271,7 @@ def dataset_profiles(
         mean_raw_misclassified=means[False],
         mean_z_correct=z[True],
         mean_z_misclassified=z[False],
+        value_label=ps.value_label,
     )
 
 

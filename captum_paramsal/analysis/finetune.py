@@ -1,5 +1,6 @@
-"""The paper's fine-tuning test (SPEC §4): fix one misclassified sample by updating only its
-most salient units, then see whether that also fixes its neighbours in saliency space."""
+"""The paper's fine-tuning test (docs/METHOD.md, "The paper's validation experiments"): fix one
+misclassified sample by updating only its most salient units, then see whether that also fixes
+its neighbours in saliency space."""
 
 from __future__ import annotations
 
@@ -99,8 +100,10 @@ def finetune_salient(
     max_steps: int = 100,
     units: Optional[Units] = None,
 ) -> FineTuneResult:
-    """Update only the top-``k`` salient units of one misclassified sample until it is
-    classified correctly (SPEC §4); the model itself is left exactly as it was.
+    """Update only the top-``k`` salient units of one misclassified sample until it
+    is
+    classified correctly (docs/METHOD.md, "The paper's validation experiments"); the model itself
+    is left exactly as it was.
 
     Gradient descent on the sample's cross-entropy (plain steps of size ``lr``, with every
     gradient entry outside the chosen units masked to zero) on a copy of the model in eval
@@ -244,7 +247,8 @@ def neighbour_correction(
     """For each misclassified sample among ``inputs``: fine-tune its top-``k`` units on it
     (:func:`finetune_salient`), then count how many of its ``m`` nearest neighbours among the
     other misclassified samples (cosine of standardized profiles at the true label) are now
-    classified correctly, against ``m`` random other misclassified samples (SPEC §4).
+    classified correctly, against ``m`` random other misclassified samples (docs/METHOD.md, "The paper's
+    validation experiments").
 
     Averages are over the samples the fine-tuning corrected. The model is left exactly as it
     was (each fine-tuning runs on a copy and is shown to the model only through

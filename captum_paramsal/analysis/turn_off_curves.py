@@ -1,5 +1,6 @@
-"""The paper's pruning test (SPEC §4): does turning off a misclassified sample's most salient
-units correct it, far more often than random or least salient units?"""
+"""The paper's pruning test (docs/METHOD.md, "The paper's validation experiments"): does turning
+off a misclassified sample's most salient units correct it, far more often than random or least
+salient units?"""
 
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ class PruningResult:
         """Fraction corrected and mean probability changes against k, one line per mode.
 
         Args:
-            ax: three matplotlib axes to draw into; default: a new pyplot figure.
+            ax: three matplotlib axes to draw into; default: a new ``Figure`` (built without pyplot).
 
         Returns:
             the matplotlib ``Figure``.
@@ -118,10 +119,11 @@ class PruningResult:
 
             >>> result.plot().savefig("pruning_curves.png")
         """
-        import matplotlib.pyplot as plt
-
         if ax is None:
-            fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+            from matplotlib.figure import Figure  # no pyplot: a notebook's backend and state stay as they are
+
+            fig = Figure(figsize=(13, 3.6), layout="constrained")
+            axes = fig.subplots(1, 3)
         else:
             axes, fig = ax, ax[0].figure
         metrics = [
@@ -167,7 +169,7 @@ def pruning_curves(
     internal_batch_size: Optional[int] = None,
 ) -> PruningResult:
     """Turn off the k most salient, k random and k least salient units of each misclassified
-    sample among ``inputs`` (SPEC §4) and record what changes.
+    sample among ``inputs`` (docs/METHOD.md, "The paper's validation experiments") and record what changes.
 
     Saliency (standardized when ``ps`` has statistics; the loss at the true label, as the
     paper) is computed once for all misclassified samples; each intervention is undone
