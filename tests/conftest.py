@@ -1,7 +1,8 @@
-import os
-import sys
+"""Test-session settings: a headless matplotlib.
+
+`naive` and `helpers` import through ``pythonpath = ["tests"]`` in pyproject.toml.
+"""
 
 import matplotlib
 
 matplotlib.use("Agg")
-sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared naive reference as `naive`

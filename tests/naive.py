@@ -92,6 +92,8 @@ def naive_unit_saliency(
                     row.append(units.abs().mean(dim=1))
                 elif reduction == "mean":
                     row.append(units.mean(dim=1))
+                elif reduction == "rms":
+                    row.append(units.pow(2).mean(dim=1).sqrt())
                 else:
                     raise ValueError(reduction)
             rows.append(torch.cat(row))
@@ -139,27 +141,3 @@ def blockwise_rel_err(got: Tensor, expected: Tensor, layout) -> Tuple[float, str
         if err > worst or not worst_name:
             worst, worst_name = err, entry.name
     return worst, worst_name
-
-
-# -- a small model and data set that several test files share ---------------------------------
-
-
-def small_cnn(seed: int = 0) -> nn.Module:
-    """Two convolutions and a Linear layer on ``(B, 1, 8, 8)``, float64, five classes."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(),
-        nn.Flatten(), nn.Linear(6 * 3 * 3, 5),
-    ).double()
-
-
-def small_data(n: int, seed: int = 1):
-    """``n`` random float64 images for :func:`small_cnn` and their labels."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
-
-
-def loader(x, y, batch_size: int):
-    from torch.utils.data import DataLoader, TensorDataset
-
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from captum_paramsal import ParameterSaliency
 from captum_paramsal.analysis import finetune_salient, neighbour_correction, pruning_curves
 
+from helpers import assert_unchanged, snapshot
+
 
 def culprit_model():
     """Hidden unit 1 fires on x0 and votes for class 1 with weight 2; unit 0 votes class 0.
@@ -27,12 +29,10 @@ def culprit_model():
     return model
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def unchanged(model, before):
-    return all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+def assert_restored(model, before):
+    """Left as found, bit for bit, after code that applies a fine-tuning's change and takes it back
+    (``FineTuneResult.applied``): the parameters' version counters move."""
+    assert_unchanged(model, before, versions=False)
 
 
 def test_pruning_curves_known_answer():
@@ -42,7 +42,7 @@ def test_pruning_curves_known_answer():
     y = torch.tensor([0, 0])
     ps = ParameterSaliency(model)
     result = pruning_curves(model, ps, x, y, ks=(1, 2), seed=0)
-    assert unchanged(model, before)
+    assert_unchanged(model, before)
     assert result.num_misclassified == 1 and result.num_samples == 2
     p_before = torch.softmax(torch.tensor([1.1, 2.0], dtype=torch.float64), 0)
     p_after = torch.softmax(torch.tensor([1.1, 0.0], dtype=torch.float64), 0)
@@ -83,7 +83,7 @@ def test_finetune_salient_updates_only_the_chosen_units():
     ps = ParameterSaliency(model)
     x = torch.tensor([[1.0, 0, 0]], dtype=torch.float64)
     result = finetune_salient(model, ps, x, 0, k=1, lr=0.5, max_steps=50)
-    assert unchanged(model, before)
+    assert_unchanged(model, before)
     assert result.units == [("0.weight", 1)] and result.corrected and result.steps >= 1
     assert set(result.delta) == {"0.weight"}
     assert torch.count_nonzero(result.delta["0.weight"][[0, 2, 3]]) == 0
@@ -98,7 +98,7 @@ def test_finetune_salient_updates_only_the_chosen_units():
     assert torch.allclose(result.delta["0.weight"], w - model[0].weight.detach(), rtol=0, atol=1e-12)
     with result.applied(model):
         assert model(x).argmax(1).item() == 0
-    assert unchanged(model, before)
+    assert_restored(model, before)
     with pytest.raises(ValueError, match="batch dimension of 1"):
         finetune_salient(model, ps, x.repeat(2, 1), 0)
     with pytest.raises(ValueError, match="larger than the number of units"):
@@ -115,7 +115,7 @@ def test_neighbour_correction_matches_a_plain_recount():
     before = snapshot(model)
     ps = ParameterSaliency(model)
     result = neighbour_correction(model, ps, x, y, k=3, m=2, lr=0.05, max_steps=200, max_samples=4)
-    assert unchanged(model, before)
+    assert_restored(model, before)
     assert len(result.records) == 4
     # recount the first record by hand
     with torch.no_grad():

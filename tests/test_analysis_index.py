@@ -19,7 +19,8 @@ from captum_paramsal.analysis import (
     semantic_agreement,
 )
 
-from naive import loader, small_cnn, small_data
+from helpers import loader, small_cnn, small_data
+from naive import rel_err
 
 # -- plain references ---------------------------------------------------------------------------
 
@@ -60,17 +61,6 @@ def brute_agreement(profiles, labels, predictions, m, among=None):
 def random_profiles(n, f, seed, dtype=torch.float64):
     # continuous random data: all cosines distinct (ties-free) with probability one
     return torch.randn(n, f, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-
-
-
-
-
-
-def rel(a, b) -> float:
-    assert b.abs().max() > 0
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -281,14 +271,14 @@ def test_from_saliency_stacks_standardized_profiles(fitted):
     index = SaliencyIndex.from_saliency(ps, loader(x, y, 7), progress=False)
     assert index.layout == ps.layout and len(index) == len(x)
     reference = ps.attribute(x, target=y)  # one batch: the index must not depend on the batching
-    assert rel(index.profiles, reference) < 1e-10
+    assert rel_err(index.profiles, reference) < 1e-10
     assert torch.equal(index.labels, y)
     with torch.no_grad():
         assert torch.equal(index.predictions, model(x).argmax(1))
     # 13 cuts the second batch of 7 one sample short
     raw = SaliencyIndex.from_saliency(ps, loader(x, y, 7), progress=False, standardize=False, max_samples=13)
     assert len(raw) == 13 and torch.equal(raw.labels, y[:13])
-    assert rel(raw.profiles, ps.attribute(x[:13], target=y[:13], standardize=False)) < 1e-10
+    assert rel_err(raw.profiles, ps.attribute(x[:13], target=y[:13], standardize=False)) < 1e-10
     assert ParameterSaliency(model).stats is None
     with pytest.raises(ValueError, match="ps.stats is None"):
         SaliencyIndex.from_saliency(ParameterSaliency(model), loader(x, y, 7), progress=False)
@@ -311,10 +301,10 @@ def test_dataset_profiles_against_a_per_sample_loop(fitted):
     assert 0 < int(correct.sum()) < len(x), "the test needs both groups"
     assert isinstance(result, DatasetProfiles)
     assert (result.num_correct, result.num_misclassified) == (int(correct.sum()), int((~correct).sum()))
-    assert rel(result.mean_raw_correct, raw[correct].mean(0)) < 1e-10
-    assert rel(result.mean_raw_misclassified, raw[~correct].mean(0)) < 1e-10
-    assert rel(result.mean_z_correct, z[correct].mean(0)) < 1e-10
-    assert rel(result.mean_z_misclassified, z[~correct].mean(0)) < 1e-10
+    assert rel_err(result.mean_raw_correct, raw[correct].mean(0)) < 1e-10
+    assert rel_err(result.mean_raw_misclassified, raw[~correct].mean(0)) < 1e-10
+    assert rel_err(result.mean_z_correct, z[correct].mean(0)) < 1e-10
+    assert rel_err(result.mean_z_misclassified, z[~correct].mean(0)) < 1e-10
     assert result.mean_z_correct.dtype == torch.float64 and result.num_samples == len(x)
     # the table: one row per layer, the layer's mean of the group means
     table = result.to_markdown()
@@ -325,7 +315,7 @@ def test_dataset_profiles_against_a_per_sample_loop(fitted):
     part = dataset_profiles(ParameterSaliency(model), loader(x, y, 7), progress=False, max_samples=17,
                             standardize=False)
     assert part.num_samples == 17 and part.mean_z_correct is None and not part.standardized
-    assert rel(part.mean_raw_correct, raw[:17][correct[:17]].mean(0)) < 1e-10
+    assert rel_err(part.mean_raw_correct, raw[:17][correct[:17]].mean(0)) < 1e-10
     assert "mean saliency" in part.to_markdown()
 
 

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
@@ -19,6 +18,9 @@ from torch.utils.data import DataLoader
 from captum_paramsal import ParameterSaliency, SaliencyStats
 from captum_paramsal.cli.main import main
 from captum_paramsal.images import image_folder, stack_batch
+
+from helpers import seeded_resnet18
+from naive import rel_err
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,7 @@ def folder(tmp_path_factory):
         for i in range(5):
             pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / "images" / cls / f"{i}.png")
-    torch.manual_seed(0)
-    save_file(torchvision.models.resnet18(num_classes=2).state_dict(), str(root / "resnet18.safetensors"))
+    save_file(seeded_resnet18(num_classes=2, dtype=torch.float32).state_dict(), str(root / "resnet18.safetensors"))
     return root
 
 
@@ -49,10 +50,6 @@ def reference_stats(folder, max_samples=None):
     # the CLI's batches (4 images), so that the float32 per-sample values are the same
     loader = DataLoader(image_folder(str(folder / "images"), 32), batch_size=4, collate_fn=stack_batch)
     return ParameterSaliency(model).fit_stats(loader, progress=False, max_samples=max_samples)
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def referenced_files_exist(report):
@@ -132,11 +129,11 @@ def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
     got, expected = SaliencyStats.load(str(out)), reference_stats(folder)
     assert got.count == expected.count == 10
-    assert rel(got.mean, expected.mean) < 1e-10 and rel(got.std, expected.std) < 1e-10
+    assert rel_err(got.mean, expected.mean) < 1e-10 and rel_err(got.std, expected.std) < 1e-10
     assert got.fingerprint == expected.fingerprint
     assert main(stats_args(folder, tmp_path / "four.safetensors", "--max-samples", "4")) == 0
     four = SaliencyStats.load(str(tmp_path / "four.safetensors"))
-    assert four.count == 4 and rel(four.mean, reference_stats(folder, max_samples=4).mean) < 1e-10
+    assert four.count == 4 and rel_err(four.mean, reference_stats(folder, max_samples=4).mean) < 1e-10
 
 
 def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
@@ -144,7 +141,8 @@ def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
     assert main(stats_args(folder, out, "--compile-kernels")) == 0
     got, expected = SaliencyStats.load(str(out)), reference_stats(folder)
     # float32, the sums over positions in another order than the eager matmul's
-    assert got.count == expected.count and rel(got.mean, expected.mean) < 1e-5 and rel(got.std, expected.std) < 1e-4
+    assert got.count == expected.count
+    assert rel_err(got.mean, expected.mean) < 1e-5 and rel_err(got.std, expected.std) < 1e-4
 
 
 def test_stats_under_torchrun_equals_one_process(folder, tmp_path):
@@ -161,7 +159,7 @@ def test_stats_under_torchrun_equals_one_process(folder, tmp_path):
     # each rank's batches hold other images than one process's, and a float32 network's
     # per-sample saliency moves with its batch at round-off level; the merge itself is exact
     # to 1e-10 (tests/test_stats.py, float64, 2 gloo processes)
-    assert rel(b.mean, a.mean) < 1e-5 and rel(b.std, a.std) < 1e-5
+    assert rel_err(b.mean, a.mean) < 1e-5 and rel_err(b.std, a.std) < 1e-5
     assert a.fingerprint == b.fingerprint
 
 

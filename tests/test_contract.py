@@ -12,19 +12,8 @@ from captum.metrics import sensitivity_max
 
 from captum_paramsal import ParameterSaliency
 
+from helpers import assert_unchanged, snapshot
 from naive import default_param_names, naive_unit_saliency, rel_err
-
-HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-    "_state_dict_hooks",
-    "_load_state_dict_pre_hooks",
-)
 
 
 class Net(nn.Module):
@@ -59,39 +48,6 @@ def make_net() -> nn.Module:
 def data(batch: int = 3):
     g = torch.Generator().manual_seed(1)
     return torch.randn(batch, 3, 7, 7, generator=g, dtype=torch.float64), torch.randint(0, 4, (batch,), generator=g)
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything SPEC §5 says must be left as found."""
-    return {
-        "params": [(name, p, p.detach().clone(), p.requires_grad) for name, p in model.named_parameters()],
-        "grads": [(name, p.grad, None if p.grad is None else p.grad.detach().clone())
-                  for name, p in model.named_parameters()],
-        "buffers": [(name, b, b.detach().clone()) for name, b in model.named_buffers()],
-        "training": [(name, m.training) for name, m in model.named_modules()],
-        "hooks": [(name, attr, [(key, id(hook)) for key, hook in getattr(m, attr).items()])
-                  for name, m in model.named_modules() for attr in HOOK_DICTS if hasattr(m, attr)],
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for (name, p, value, requires_grad), (name2, p2, _, requires_grad2) in zip(before["params"], after["params"]):
-        assert name == name2 and p is p2, f"parameter {name} was replaced"
-        assert torch.equal(p.detach(), value), f"parameter {name} changed value"
-        assert requires_grad == requires_grad2, f"requires_grad of {name} changed"
-    assert len(before["params"]) == len(after["params"])
-    for (name, grad, value), (_, grad2, _) in zip(before["grads"], after["grads"]):
-        if grad is None:
-            assert grad2 is None, f"{name}.grad was None and is now set"
-        else:
-            assert grad2 is grad, f"{name}.grad was replaced"
-            assert torch.equal(grad2, value), f"{name}.grad changed value"
-    for (name, b, value), (name2, b2, _) in zip(before["buffers"], after["buffers"]):
-        assert name == name2 and b is b2
-        assert torch.equal(b, value), f"buffer {name} changed"
-    assert before["training"] == after["training"]
-    assert before["hooks"] == after["hooks"]
 
 
 def prepared_net(mixed_modes: bool, backward_hook: bool = False) -> nn.Module:

@@ -14,6 +14,7 @@ import torchvision
 
 from captum_paramsal import ParameterSaliency
 
+from helpers import seeded_resnet18
 from naive import blockwise_rel_err, default_param_names, naive_unit_saliency, rel_err
 
 TOL = 1e-5
@@ -80,8 +81,7 @@ def randn(*shape, seed: int = 0) -> torch.Tensor:
 
 
 def test_resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
+    model = seeded_resnet18(num_classes=10)
     check(model, randn(2, 3, 32, 32), labels(2, 10))
 
 
@@ -89,11 +89,10 @@ def test_resnet18():
 @pytest.mark.parametrize("reduction", ["mean_abs", "mean"])
 def test_rules_deferred_past_the_backward_in_any_batches(monkeypatch, budget, reduction):
     """On CPU the rules run after the backward in batches of layers up to a byte budget."""
-    import captum_paramsal.per_sample.engine as engine
+    import captum_paramsal.per_sample.policy as policy
 
-    monkeypatch.setattr(engine, "DEFERRED_BYTES", {"cpu": budget})
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
+    monkeypatch.setattr(policy, "DEFERRED_BYTES", {"cpu": budget})
+    model = seeded_resnet18(num_classes=10)
     check(model, randn(3, 3, 32, 32), labels(3, 10), reduction=reduction)
     check(ConvTwice().double(), randn(3, 3, 5, 5), labels(3), reduction=reduction)
 
@@ -436,8 +435,7 @@ def test_reduction_mean_cnn():
 
 
 def test_reduction_mean_resnet18():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
+    model = seeded_resnet18(num_classes=10)
     check(model, randn(2, 3, 32, 32), labels(2, 10), reduction="mean")
 
 

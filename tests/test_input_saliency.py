@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import matplotlib
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from captum.attr import GradientAttribution, NoiseTunnel
 from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
@@ -16,7 +14,8 @@ from captum.metrics import infidelity, sensitivity_max
 from captum_paramsal import ParameterGuidedInputSaliency, ParameterSaliency
 from captum_paramsal.visualization import paper_heatmap
 
-matplotlib.use("Agg")
+from helpers import assert_unchanged, seeded_resnet18, snapshot
+from naive import rel_err
 
 
 def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None, reduction="mean_abs"):
@@ -47,11 +46,6 @@ def unit_values(model, name, grad, reduction):
     return rows.abs().mean(1) if reduction == "mean_abs" else rows.mean(1)
 
 
-def rel(a, b):
-    assert b.abs().max() > 0
-    return float((a - b).abs().max() / b.abs().max())
-
-
 def conv1d_model():
     torch.manual_seed(0)
     return nn.Sequential(
@@ -61,8 +55,7 @@ def conv1d_model():
 
 
 def resnet18():
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(num_classes=5).double()
+    return seeded_resnet18(num_classes=5)
 
 
 @pytest.mark.parametrize("make_model, shape", [(conv1d_model, (3, 2, 10)), (resnet18, (2, 3, 32, 32))])
@@ -81,7 +74,7 @@ def test_matches_naive_double_backprop(make_model, shape, with_stats):
     ours = pgis.attribute(x, target=y)
     assert ours.shape == x.shape
     expected = naive_boosting(model, x, y, list(ps.layout.names), k=3, stats=ps.stats)
-    assert rel(ours, expected) < 1e-4
+    assert rel_err(ours, expected) < 1e-4
     # the constructor path gives the same thing
     direct = ParameterGuidedInputSaliency(model, stats=ps.stats, k=3).attribute(x, target=y)
     assert torch.allclose(direct, ours, rtol=1e-10, atol=0)
@@ -127,8 +120,8 @@ def test_conv_geometries_match_naive(name, make_layer, shape, reduction):
     y = torch.randint(0, 4, (3,), generator=g)
     pgis = ParameterGuidedInputSaliency(model, k=3, reduction=reduction)
     expected = naive_boosting(model, x, y, list(pgis.layout.names), k=3, reduction=reduction)
-    assert rel(pgis.attribute(x, target=y), expected) < 1e-4
-    assert rel(pgis.attribute(x, target=y, internal_batch_size=2), expected) < 1e-4
+    assert rel_err(pgis.attribute(x, target=y), expected) < 1e-4
+    assert rel_err(pgis.attribute(x, target=y, internal_batch_size=2), expected) < 1e-4
 
 
 def test_fallback_parameters_and_internal_batch_size():
@@ -143,8 +136,8 @@ def test_fallback_parameters_and_internal_batch_size():
     names = ["0.weight", "1.weight", "1.bias", "4.weight"]  # BatchNorm goes through torch.func
     pgis = ParameterGuidedInputSaliency(model, params=names, k=2)
     expected = naive_boosting(model, x, y, names, k=2)
-    assert rel(pgis.attribute(x, target=y), expected) < 1e-4
-    assert rel(pgis.attribute(x, target=y, internal_batch_size=2), expected) < 1e-4
+    assert rel_err(pgis.attribute(x, target=y), expected) < 1e-4
+    assert rel_err(pgis.attribute(x, target=y, internal_batch_size=2), expected) < 1e-4
 
 
 def test_units_override_and_random_baseline():
@@ -156,10 +149,10 @@ def test_units_override_and_random_baseline():
     names = list(layout.names)
     per_sample = [[0, 5], [layout.column("2.weight", 1)], [7, 8, 9]]
     expected = naive_boosting(model, x, y, names, units=per_sample)
-    assert rel(pgis.attribute(x, target=y, units=per_sample), expected) < 1e-4
+    assert rel_err(pgis.attribute(x, target=y, units=per_sample), expected) < 1e-4
     shared = pgis.attribute(x, target=y, units=[("0.weight", 3), ("5.weight", 4)])
     cols = [layout.column("0.weight", 3), layout.column("5.weight", 4)]
-    assert rel(shared, naive_boosting(model, x, y, names, units=[cols] * 3)) < 1e-4
+    assert rel_err(shared, naive_boosting(model, x, y, names, units=[cols] * 3)) < 1e-4
     first = pgis.attribute(x, target=y, random_units=True, seed=7)
     again = pgis.attribute(x, target=y, random_units=True, seed=7)
     other = pgis.attribute(x, target=y, random_units=True, seed=8)
@@ -194,8 +187,7 @@ def test_captum_integrations(tmp_path):
 
 
 def test_visualizations(tmp_path):
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3)
+    model = seeded_resnet18(num_classes=3, dtype=torch.float32)
     images = torch.rand(1, 3, 32, 32)
     attr = ParameterGuidedInputSaliency(model, k=5).attribute(images, target=1)
     figure, _ = viz.visualize_image_attr(
@@ -240,10 +232,10 @@ def test_bad_input():
 def test_model_left_as_found():
     model = conv1d_model().train()
     model[0].weight.grad = torch.ones_like(model[0].weight)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)  # every module in train mode, no hooks, one .grad set
     ParameterGuidedInputSaliency(model, k=2).attribute(torch.randn(2, 2, 10, dtype=torch.float64), target=1)
+    assert_unchanged(model, before)
     assert model.training and all(m.training for m in model.modules())
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
     assert model[2].weight.grad is None
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())

@@ -9,6 +9,8 @@ import torch.nn as nn
 from captum_paramsal import ParameterSaliency
 from captum_paramsal.interventions import boost, perturb, resolve_units, turn_off
 
+from helpers import assert_unchanged, snapshot
+
 
 def make_model():
     torch.manual_seed(0)
@@ -18,17 +20,8 @@ def make_model():
     )
 
 
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def assert_bitwise_equal(model, before):
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name
-
-
 def changed_mask(model, before, name):
-    return dict(model.named_parameters())[name].detach() != before[name]
+    return dict(model.named_parameters())[name].detach() != before.values[name]
 
 
 def test_turn_off_zeroes_exactly_the_units_and_restores():
@@ -43,15 +36,15 @@ def test_turn_off_zeroes_exactly_the_units_and_restores():
         assert torch.all(p["2.weight"][2:4, 1] == 0) and p["2.bias"][4] == 0
         assert torch.all(p["5.weight"][2] == 0) and p["5.bias"][2] == 0
         for name in ("0.weight", "2.weight", "5.weight"):
-            expected = torch.zeros_like(before[name], dtype=torch.bool)
+            expected = torch.zeros_like(before.values[name], dtype=torch.bool)
             if name == "0.weight":
                 expected[1] = True
             elif name == "2.weight":
                 expected[2:4, 1] = True
             else:
                 expected[2] = True
-            assert torch.equal(changed_mask(model, before, name), expected & (before[name] != 0))
-    assert_bitwise_equal(model, before)
+            assert torch.equal(changed_mask(model, before, name), expected & (before.values[name] != 0))
+    assert_unchanged(model, before)
 
 
 def test_restores_after_an_error_and_leaves_grad_flags():
@@ -61,9 +54,9 @@ def test_restores_after_an_error_and_leaves_grad_flags():
     before = snapshot(model)
     with pytest.raises(RuntimeError, match="inside"):
         with boost(model, [("0.weight", 0), ("5.weight", 1)], factor=3.0, bias=True):
-            assert torch.equal(model[0].weight[0], before["0.weight"][0] * 3.0)
+            assert torch.equal(model[0].weight[0], before.values["0.weight"][0] * 3.0)
             raise RuntimeError("inside")
-    assert_bitwise_equal(model, before)
+    assert_unchanged(model, before)
     assert not model[0].weight.requires_grad and torch.equal(model[5].weight.grad, torch.ones_like(model[5].weight))
 
 
@@ -81,11 +74,11 @@ def test_layout_columns_and_perturb():
     with perturb(model, [column], noise="proportional", scale=0.5, seed=4):
         changed = changed_mask(model, before, "5.weight")
         assert changed[1].all() and not changed[0].any() and not changed[2].any()
-        ratio = model[5].weight[1] / before["5.weight"][1]
+        ratio = model[5].weight[1] / before.values["5.weight"][1]
         assert not torch.allclose(ratio, torch.ones_like(ratio))
-    assert_bitwise_equal(model, before)
+    assert_unchanged(model, before)
     with turn_off(model, []):
-        assert_bitwise_equal(model, before)
+        assert_unchanged(model, before)
 
 
 def test_bad_units():
