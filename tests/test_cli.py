@@ -62,6 +62,7 @@ def referenced_files_exist(report):
     return html
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "report"), "--samples", "2", "--top-k", "3"]) == 0
     out = capsys.readouterr().out
@@ -90,6 +91,7 @@ def test_explain_digits_images(tmp_path, capsys):
     assert html.count("<section>") >= 1
 
 
+@pytest.mark.slow
 def test_explain_torchvision_model_on_a_folder(folder, tmp_path, capsys):
     stats = tmp_path / "s.safetensors"
     assert main(stats_args(folder, stats)) == 0
@@ -123,6 +125,7 @@ def test_explain_errors(folder, tmp_path, capsys):
                                                     "--labels", "1"])
 
 
+@pytest.mark.slow
 def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
     out = tmp_path / "stats.safetensors"
     assert main(stats_args(folder, out)) == 0
@@ -136,6 +139,7 @@ def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
     assert four.count == 4 and rel_err(four.mean, reference_stats(folder, max_samples=4).mean) < 1e-10
 
 
+@pytest.mark.slow
 def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
     out = tmp_path / "stats.safetensors"
     assert main(stats_args(folder, out, "--compile-kernels")) == 0
@@ -145,6 +149,7 @@ def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
     assert rel_err(got.mean, expected.mean) < 1e-5 and rel_err(got.std, expected.std) < 1e-4
 
 
+@pytest.mark.slow
 def test_stats_under_torchrun_equals_one_process(folder, tmp_path):
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     assert main(stats_args(folder, one)) == 0

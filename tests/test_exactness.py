@@ -85,8 +85,12 @@ def test_resnet18():
     check(model, randn(2, 3, 32, 32), labels(2, 10))
 
 
-@pytest.mark.parametrize("budget", [0, 20_000, 1 << 40], ids=["each_at_once", "a_few_at_a_time", "all_after"])
-@pytest.mark.parametrize("reduction", ["mean_abs", "mean"])
+@pytest.mark.parametrize("budget", [
+    pytest.param(0, id="each_at_once", marks=pytest.mark.slow),  # resnet18 in float64: seconds each
+    pytest.param(20_000, id="a_few_at_a_time"),
+    pytest.param(1 << 40, id="all_after", marks=pytest.mark.slow),
+])
+@pytest.mark.parametrize("reduction", ["mean_abs", pytest.param("mean", marks=pytest.mark.slow)])
 def test_rules_deferred_past_the_backward_in_any_batches(monkeypatch, budget, reduction):
     """On CPU the rules run after the backward in batches of layers up to a byte budget."""
     import captum_paramsal.per_sample.policy as policy
@@ -97,6 +101,7 @@ def test_rules_deferred_past_the_backward_in_any_batches(monkeypatch, budget, re
     check(ConvTwice().double(), randn(3, 3, 5, 5), labels(3), reduction=reduction)
 
 
+@pytest.mark.slow
 def test_mobilenet_v3_small():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_small(num_classes=10).double()

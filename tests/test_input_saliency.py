@@ -58,7 +58,10 @@ def resnet18():
     return seeded_resnet18(num_classes=5)
 
 
-@pytest.mark.parametrize("make_model, shape", [(conv1d_model, (3, 2, 10)), (resnet18, (2, 3, 32, 32))])
+@pytest.mark.parametrize("make_model, shape", [
+    (conv1d_model, (3, 2, 10)),
+    pytest.param(resnet18, (2, 3, 32, 32), marks=pytest.mark.slow),  # double backprop per sample: seconds
+])
 @pytest.mark.parametrize("with_stats", [False, True])
 def test_matches_naive_double_backprop(make_model, shape, with_stats):
     model = make_model()

@@ -157,6 +157,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process(tmp_path):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     model, (x, y) = small_cnn(), small_data(37)
