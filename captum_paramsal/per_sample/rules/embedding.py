@@ -17,7 +17,7 @@ Linear head, whose calls are summed densely).
 * ``max_norm`` renormalizes the looked-up rows of the weight *in place* during the forward,
   so the weight a pass explains is not the weight it was given: the rule refuses it with
   a ``ValueError`` (:func:`embedding_unsupported` says why, for a registry that can ask
-  before routing; see the report in the module's tests).
+  before routing to send such a layer to the fallback instead).
 
 ``EmbeddingBag`` (``sum``, ``mean``, ``max``, ``per_sample_weights``, ``offsets``) is the
 same form: a bag is a sample (a 2-d input of ``B`` bags, or a 1-d input with ``B``
