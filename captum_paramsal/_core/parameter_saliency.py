@@ -108,7 +108,9 @@ class ParameterSaliency(ParameterSpaceAttribution):
         output_fn: Optional[Callable[[Any], Tensor]] = None,
     ) -> None:
         super().__init__(model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn=output_fn)
-        self.fingerprint = layout_fingerprint(self.layout, self.reduction, self.loss_name)
+        # statistics are keyed by the parameters' identity: their names without what wraps the
+        # model, so that statistics of a bare model standardize it inside DataParallel and back
+        self.fingerprint = layout_fingerprint(self._selection.identity_layout, self.reduction, self.loss_name)
         self.stats = stats
 
     @property
@@ -232,7 +234,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
             desc="saliency statistics",
             class_labels=self._default_loss,
         )
-        stats = SaliencyStats.empty(self.layout, self.reduction, self.loss_name)
+        stats = SaliencyStats.empty(self._selection.identity_layout, self.reduction, self.loss_name)
         for inputs_tuple, labels in batches:
             stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
         if distributed:

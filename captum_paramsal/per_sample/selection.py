@@ -44,6 +44,33 @@ class SelectedParameter:
 class Selection:
     layout: SaliencyLayout
     params: Tuple[SelectedParameter, ...]
+    #: what wraps the model (``"module."`` of DataParallel, ``"_orig_mod."`` of torch.compile,
+    #: a thin wrapper's attribute): not part of a parameter's identity
+    wrapper_prefix: str = ""
+
+    @property
+    def identity_layout(self) -> SaliencyLayout:
+        """:attr:`layout` with the wrapper prefix taken off each name: what statistics are
+        keyed by, so that they do not depend on how the model is wrapped."""
+        if not self.wrapper_prefix:
+            return self.layout
+        cut = len(self.wrapper_prefix)
+        return SaliencyLayout([(e.name[cut:], e.shape, e.num_units) for e in self.layout])
+
+
+def wrapper_prefix(model: nn.Module) -> str:
+    """The names of the modules that only wrap ``model``'s real network: from the top, each
+    module that holds no parameter or buffer of its own and exactly one child (DataParallel's
+    ``module``, torch.compile's ``_orig_mod``, a thin user wrapper), joined as a name prefix."""
+    prefix, module = "", model
+    while True:
+        children = list(module.named_children())
+        own = [p for p in module._parameters.values() if p is not None]
+        own += [b for b in module._buffers.values() if b is not None]
+        if len(children) != 1 or own:
+            return prefix
+        name, module = children[0]
+        prefix += name + "."
 
 
 def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
@@ -88,7 +115,10 @@ def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) 
             params = [params]
         aliases = dict(model.named_parameters(remove_duplicate=False))
         wanted = set()
+        prefix = wrapper_prefix(model)
         for name in params:
+            if name not in aliases and prefix + name in aliases:  # named without the wrapper
+                name = prefix + name
             if name not in aliases:
                 close = difflib.get_close_matches(name, list(aliases), n=3)
                 hint = f"; did you mean {close}?" if close else ""
@@ -109,4 +139,4 @@ def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) 
         grouping, num_units = unit_grouping(module, attr, param.shape)
         selected.append(SelectedParameter(name, param, param_owners, grouping, module, num_units))
     layout = SaliencyLayout([(p.name, tuple(p.param.shape), p.num_units) for p in selected])
-    return Selection(layout, tuple(selected))
+    return Selection(layout, tuple(selected), wrapper_prefix(model))
