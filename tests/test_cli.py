@@ -141,8 +141,13 @@ def test_stats_one_process_matches_fit_stats(folder, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_stats_with_compiled_kernels_matches_fit_stats(folder, tmp_path):
+    from captum_paramsal.per_sample import compiled
+
     out = tmp_path / "stats.safetensors"
+    runs_before = compiled.run_counts().get("low_rank_abs_mean", 0)
     assert main(stats_args(folder, out, "--compile-kernels")) == 0
+    # the compiled kernel ran, rather than a failed compilation falling back to the eager path
+    assert compiled.run_counts().get("low_rank_abs_mean", 0) > runs_before
     got, expected = SaliencyStats.load(str(out)), reference_stats(folder)
     # float32, the sums over positions in another order than the eager matmul's
     assert got.count == expected.count
