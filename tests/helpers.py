@@ -223,6 +223,19 @@ def loader(x, y, batch_size: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
 
 
+class TiedLinears(nn.Module):
+    """Two ``Linear(3, 3)`` layers sharing one weight (``b.weight`` is ``a.weight``), called in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.a(x))
+
+
 def seeded_resnet18(num_classes: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
     """torchvision's resnet18 with ``num_classes`` outputs, initialised from ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)

@@ -1,4 +1,5 @@
-"""The shared naive reference: per-sample unit saliency by a plain loop over samples.
+"""The shared naive reference: per-sample unit saliency, and the input saliency built on it, by
+a plain loop over samples.
 
 One forward and one ``torch.autograd.grad`` per sample, nothing clever, so that the
 engine's batched per-layer rules and its fallback can be checked against it.
@@ -36,6 +37,17 @@ def _units(model: nn.Module, name: str, grad: Tensor) -> Tensor:
     if grad.dim() == 0:
         return grad.reshape(1, 1)
     return grad.reshape(grad.shape[0], -1)
+
+
+def _reduce(units: Tensor, reduction: str) -> Tensor:
+    """One value per row of ``units``."""
+    if reduction == "mean_abs":
+        return units.abs().mean(dim=1)
+    if reduction == "mean":
+        return units.mean(dim=1)
+    if reduction == "rms":
+        return units.pow(2).mean(dim=1).sqrt()
+    raise ValueError(reduction)
 
 
 def naive_unit_saliency(
@@ -87,15 +99,7 @@ def naive_unit_saliency(
             for name, p, g in zip(names, params, grads):
                 if g is None:
                     g = torch.zeros_like(p)
-                units = _units(model, name, g.detach())
-                if reduction == "mean_abs":
-                    row.append(units.abs().mean(dim=1))
-                elif reduction == "mean":
-                    row.append(units.mean(dim=1))
-                elif reduction == "rms":
-                    row.append(units.pow(2).mean(dim=1).sqrt())
-                else:
-                    raise ValueError(reduction)
+                row.append(_reduce(_units(model, name, g.detach()), reduction))
             rows.append(torch.cat(row))
     finally:
         for m, training in modes:
@@ -103,6 +107,43 @@ def naive_unit_saliency(
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
     return torch.stack(rows)
+
+
+def naive_boosting(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    names: Sequence[str],
+    k: int = 10,
+    boost: float = 100.0,
+    stats: Any = None,
+    units: Optional[Sequence[Sequence[int]]] = None,
+    reduction: str = "mean_abs",
+) -> Tensor:
+    """The input saliency by a plain loop: per sample (in eval mode), its profile over ``names``
+    with ``create_graph``, standardized by ``stats`` when given, the top-``k`` units (or
+    ``units[i]``, columns) multiplied by ``boost``, and the gradient of the cosine between the
+    profile and its boosted copy with respect to the sample."""
+    params = dict(model.named_parameters())
+    modes = [(m, m.training) for m in model.modules()]
+    rows = []
+    try:
+        model.eval()
+        for i in range(x.shape[0]):
+            xi = x[i : i + 1].clone().requires_grad_(True)
+            loss = F.cross_entropy(model(xi), y[i : i + 1])
+            grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+            s = torch.cat([_reduce(_units(model, n, g), reduction) for n, g in zip(names, grads)])
+            z = (s - stats.mean) / stats.scale if stats is not None else s
+            chosen = z.detach().topk(k).indices if units is None else torch.tensor(units[i])
+            b = z.detach().clone()
+            b[chosen] = b[chosen] * boost
+            objective = F.cosine_similarity(z, b, dim=0)
+            rows.append(torch.autograd.grad(objective, xi)[0])
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat(rows)
 
 
 DEFAULT_TYPES = (

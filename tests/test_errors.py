@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from captum_paramsal import ParameterSaliency
 
+from helpers import TiedLinears
+
 
 def make_model() -> nn.Module:
     torch.manual_seed(0)
@@ -64,18 +66,8 @@ def test_parameter_listed_twice():
 
 
 def test_tied_parameter_listed_under_both_names():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(3, 3)
-            self.b = nn.Linear(3, 3)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(self.a(x))
-
     with pytest.raises(ValueError, match=r"listed twice"):
-        ParameterSaliency(Tied(), params=["a.weight", "b.weight"])
+        ParameterSaliency(TiedLinears(), params=["a.weight", "b.weight"])
 
 
 def test_nothing_to_select():

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from captum.attr import GradientAttribution, NoiseTunnel
 from captum.attr import visualization as viz
 from captum.metrics import infidelity, sensitivity_max
@@ -15,35 +14,7 @@ from captum_paramsal import ParameterGuidedInputSaliency, ParameterSaliency
 from captum_paramsal.visualization import paper_heatmap
 
 from helpers import assert_unchanged, seeded_resnet18, snapshot
-from naive import rel_err
-
-
-def naive_boosting(model, x, y, names, k=10, boost=100.0, stats=None, units=None, reduction="mean_abs"):
-    """Per sample: profile with create_graph, top-k (or given) units, boost, cosine, d/dx."""
-    model.eval()
-    params = dict(model.named_parameters())
-    rows = []
-    for i in range(x.shape[0]):
-        xi = x[i : i + 1].clone().requires_grad_(True)
-        loss = F.cross_entropy(model(xi), y[i : i + 1])
-        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
-        s = torch.cat([unit_values(model, n, g, reduction) for n, g in zip(names, grads)])
-        z = (s - stats.mean) / stats.scale if stats is not None else s
-        chosen = z.detach().topk(k).indices if units is None else torch.tensor(units[i])
-        b = z.detach().clone()
-        b[chosen] = b[chosen] * boost
-        objective = F.cosine_similarity(z, b, dim=0)
-        rows.append(torch.autograd.grad(objective, xi)[0])
-    return torch.cat(rows)
-
-
-def unit_values(model, name, grad, reduction):
-    """One parameter's units: rows of the gradient, output channels for a transposed conv."""
-    owner = model.get_submodule(name.rsplit(".", 1)[0])
-    if isinstance(owner, nn.ConvTranspose2d) and name.endswith("weight"):
-        grad = grad.transpose(0, 1)  # groups == 1 here: (C_in, C_out, k, k) -> (C_out, C_in, k, k)
-    rows = grad.reshape(grad.shape[0], -1)
-    return rows.abs().mean(1) if reduction == "mean_abs" else rows.mean(1)
+from naive import naive_boosting, rel_err
 
 
 def conv1d_model():
