@@ -206,13 +206,37 @@ def atomic_write(path: Union[str, os.PathLike], payload: bytes) -> None:
         raise
 
 
-def split_labelled_batch(batch: Any, index: int) -> Tuple[Any, Any]:
-    """``(inputs, labels)`` of one batch of a data set: a pair, or a dict with those keys."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
+#: the keys under which a Hugging Face batch (a dict from a tokenizer or an image processor,
+#: collated by a DataLoader) holds the model's main input, in the order they are looked for
+MAIN_INPUT_KEYS = ("input_ids", "pixel_values", "inputs_embeds", "input_values", "input_features")
+
+
+def split_labelled_batch(batch: Any, index: int) -> Tuple[Any, Any, Dict[str, Any]]:
+    """``(inputs, labels, keyword inputs)`` of one batch of a data set.
+
+    The forms: an ``(inputs, labels)`` pair; an ``(inputs, labels, {keyword: value})`` triple; a
+    dict with ``"inputs"`` and ``"labels"`` keys; or a Hugging Face batch, a dict with
+    ``"labels"`` (or ``"label"``) and a main input (:data:`MAIN_INPUT_KEYS`, the first found),
+    whose other entries (``attention_mask``, ``token_type_ids`` ...) are keyword inputs.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        keyword = batch[2] if len(batch) == 3 else {}
+        if not isinstance(keyword, dict):
+            raise ValueError(
+                f"batch {index} of data is a triple whose third element is a {type(keyword).__name__}; "
+                "it must be a dict of keyword inputs"
+            )
+        return batch[0], batch[1], dict(keyword)
     if isinstance(batch, dict) and {"inputs", "labels"} <= set(batch):
-        return batch["inputs"], batch["labels"]
+        return batch["inputs"], batch["labels"], {}
+    if isinstance(batch, dict):
+        label_key = next((k for k in ("labels", "label") if k in batch), None)
+        input_key = next((k for k in MAIN_INPUT_KEYS if k in batch), None)
+        if label_key is not None and input_key is not None:
+            keyword = {k: v for k, v in batch.items() if k not in (label_key, input_key)}
+            return batch[input_key], batch[label_key], keyword
     raise ValueError(
         f"batch {index} of data is a {type(batch).__name__}; each batch must be an (inputs, labels) pair "
-        "(inputs a tensor or a tuple of tensors, labels one class per sample)"
+        "(inputs a tensor or a tuple of tensors, labels one class per sample), an (inputs, labels, "
+        "keyword inputs) triple, or a dict with 'labels' and one of " + ", ".join(map(repr, MAIN_INPUT_KEYS))
     )

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._utils import format_inputs, split_labelled_batch
+from .per_sample.batching import is_per_sample
 
 __all__ = ["LabelledBatch", "labelled_batches"]
 
@@ -38,6 +39,7 @@ def labelled_batches(
     desc: Optional[str] = None,
     total: Optional[int] = None,
     class_labels: bool = True,
+    keyword_inputs: bool = False,
 ) -> Iterator[LabelledBatch]:
     r"""``(inputs, labels)`` per batch of ``data``, checked, on ``device``, cut at ``max_samples``.
 
@@ -132,7 +134,7 @@ def labelled_batches(
             total = len(dataset)
     show = bool(progress) and (distributed is None or distributed == 0)
     return _batches(data, None if device is None else torch.device(device), max_samples, shard, show, desc, total,
-                    class_labels)
+                    class_labels, keyword_inputs)
 
 
 def _batches(
@@ -144,6 +146,7 @@ def _batches(
     desc: Optional[str],
     total: Optional[int],
     class_labels: bool,
+    keyword_inputs: bool = False,
 ) -> Iterator[LabelledBatch]:
     from tqdm.auto import tqdm
 
@@ -153,17 +156,25 @@ def _batches(
         for index, batch in enumerate(data):
             if shard is not None and index % shard[1] != shard[0]:
                 continue
-            inputs, labels = split_labelled_batch(batch, index)
+            inputs, labels, keyword = split_labelled_batch(batch, index)
+            if keyword and not keyword_inputs:
+                raise ValueError(
+                    f"batch {index} of data carries keyword inputs {sorted(keyword)}, which {desc or 'this loop'} "
+                    "does not pass to the model; give (inputs, labels) batches"
+                )
             inputs_tuple, _ = format_inputs(inputs)
             size = inputs_tuple[0].shape[0]
             labels = _check_labels(labels, size, index, class_labels)
+            full = size
             if max_samples is not None and seen + size > max_samples:
                 size = max_samples - seen
                 inputs_tuple, labels = tuple(x[:size] for x in inputs_tuple), labels[:size]
+                keyword = {k: v[:size] if is_per_sample(v, full) else v for k, v in keyword.items()}
             if device is not None:
                 inputs_tuple = tuple(x.to(device) for x in inputs_tuple)
                 labels = labels.to(device)
-            yield inputs_tuple, labels
+                keyword = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in keyword.items()}
+            yield (inputs_tuple, labels, keyword) if keyword_inputs else (inputs_tuple, labels)
             seen += size
             bar.update(size)
             if max_samples is not None and seen >= max_samples:

@@ -252,12 +252,13 @@ class Mixed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(7, 4)
+        self.act = nn.PReLU(4)  # no rule
         self.seq = nn.Linear(4, 4)
         self.tied = nn.Linear(4, 4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        h = self.emb(tokens)  # (B, T, 4)
+        h = self.act(self.emb(tokens).transpose(1, 2)).transpose(1, 2)  # (B, T, 4)
         h = torch.tanh(self.seq(h.transpose(0, 1))).transpose(0, 1)  # called sequence-first
         h = torch.tanh(self.tied(h) + h @ self.tied.weight)  # also read outside its module
         return self.head(h.mean(1))
@@ -267,19 +268,20 @@ def test_the_routing_report_names_each_reason():
     torch.manual_seed(0)
     model = Mixed().double()
     tokens, y = torch.randint(0, 7, (4, 3)), _labels(4, 3)
-    names = ["emb.weight", "seq.weight", "tied.weight", "head.weight", "head.bias"]
+    names = ["emb.weight", "act.weight", "seq.weight", "tied.weight", "head.weight", "head.bias"]
     ps = ParameterSaliency(model, params=names)
     report = ps.routing(tokens)
     reasons = {row.parameter: row.reason for row in report}
-    assert report.fallback == ("emb.weight", "seq.weight", "tied.weight")
-    assert reasons["emb.weight"] == "no rule for Embedding"
+    assert report.fallback == ("act.weight", "seq.weight", "tied.weight")
+    assert reasons["act.weight"] == "no rule for PReLU"
+    assert reasons["emb.weight"] == ""  # the embedding's rule
     assert "does not have the batch on dim 0" in reasons["seq.weight"]
     assert "used outside a call of the module that holds it" in reasons["tied.weight"]
     assert reasons["head.weight"] == reasons["head.bias"] == ""
     text = str(report)
     assert text.splitlines()[0].split() == ["parameter", "module", "route", "reason"]
     assert "rule: linear" in text and "fallback" in text
-    assert text.endswith("2 of 5 parameters by rules, 3 by the fallback")
+    assert text.endswith("3 of 6 parameters by rules, 3 by the fallback")
     assert report.to_markdown().count("\n") == len(names) + 1
     got = ps.attribute(tokens, target=y)
     assert rel_err(got, naive_unit_saliency(model, (tokens,), y, names)) < 1e-10

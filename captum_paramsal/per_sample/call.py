@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from .grads import PerSampleGrad
 
 #: ``batch_dims(module, inputs, output) -> (batch dim of each tensor input, of each tensor
-#: output)``, both in :meth:`CallInputs.tensors` / :func:`output_tensors` order; None for a
-#: rule whose tensors all have the batch on dim 0
-BatchDims = Callable[[nn.Module, "CallInputs", Any], Tuple[Sequence[int], Sequence[int]]]
+#: output)``, both in :meth:`CallInputs.tensors` / :func:`output_tensors` order; an input's
+#: dim None means the tensor is shared by all samples (a causal mask), not sliced or moved.
+#: It raises ValueError for a call its rule cannot take (that call goes to the fallback).
+#: A rule without it has the batch on dim 0 of every tensor.
+BatchDims = Callable[[nn.Module, "CallInputs", Any], Tuple[Sequence[Optional[int]], Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -93,13 +95,14 @@ def is_tapped(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
-def batch_first(tensors: Sequence[Tensor], dims: Optional[Sequence[int]]) -> List[Tensor]:
-    """``tensors`` with dim ``dims[i]`` moved to 0 (views); unchanged where ``dims`` is None."""
+def batch_first(tensors: Sequence[Tensor], dims: Optional[Sequence[Optional[int]]]) -> List[Tensor]:
+    """``tensors`` with dim ``dims[i]`` moved to 0 (views); unchanged where ``dims`` (or its
+    entry) is None."""
     if dims is None:
         return list(tensors)
     if len(dims) != len(tensors):
         raise RuntimeError(f"a rule's batch_dims named {len(dims)} dims for {len(tensors)} tensors")
-    return [t if d == 0 else t.movedim(d, 0) for t, d in zip(tensors, dims)]
+    return [t if d is None or d == 0 else t.movedim(d, 0) for t, d in zip(tensors, dims)]
 
 
 @dataclass(frozen=True)
@@ -144,28 +147,26 @@ class LayerCall:
     rule: Any  # the LayerRule (typed loosely: the registry imports this module)
     inputs: CallInputs
     grad_outputs: GradOutputs
+    #: which of :meth:`CallInputs.tensors` are per sample (the rest are shared)
+    batched_inputs: Tuple[int, ...] = ()
 
     @property
     def batch(self) -> int:
         return self.grad_outputs.batch
 
-    def _batched(self) -> List[int]:
-        batch = self.batch
-        return [i for i, t in enumerate(self.inputs.tensors()) if t.dim() > 0 and t.shape[0] == batch]
-
     def tensors(self) -> List[Tensor]:
         """The per-sample tensors a second derivative goes through: batched inputs, then the
         output gradients."""
         inputs = self.inputs.tensors()
-        return [*(inputs[i] for i in self._batched()), *self.grad_outputs.grads]
+        return [*(inputs[i] for i in self.batched_inputs), *self.grad_outputs.grads]
 
     def with_tensors(self, tensors: Sequence[Tensor]) -> LayerCall:
         """This call with :meth:`tensors` replaced (same order), e.g. by leaves of a chunk."""
-        batched = self._batched()
+        batched = self.batched_inputs
         replacement: Dict[int, Tensor] = dict(zip(batched, tensors[: len(batched)]))
         inputs = self.inputs.map_tensors(lambda i, t: replacement.get(i, t))
         grad_outputs = self.grad_outputs.with_grads(tensors[len(batched) :])
-        return LayerCall(self.module, self.attr, self.rule, inputs, grad_outputs)
+        return LayerCall(self.module, self.attr, self.rule, inputs, grad_outputs, batched)
 
     def sliced(self, start: int, stop: int) -> LayerCall:
         return self.with_tensors([t[start:stop] for t in self.tensors()])

@@ -199,7 +199,10 @@ class _TappedPass:
         here = self.by_module[module]
         names = frozenset(attr for attr, _ in here)
         rule = find_rule(module, next(iter(names)))
-        moved = batch_first_call(rule, module, inputs, output) if isinstance(inputs.first, Tensor) else None
+        try:
+            moved = batch_first_call(rule, module, inputs, output) if isinstance(inputs.first, Tensor) else None
+        except ValueError:  # the rule cannot take this call (the probe said why)
+            moved = None
         if moved is None or not self.run.routing.call_matches_probe(module, call, self.run.batch, moved):
             for _, acc in here:
                 acc.unusable = True
@@ -213,7 +216,7 @@ class _TappedPass:
             grad_outputs = GradOutputs.of(output_structure, moved.grads_batch_first(grads))
             if self.keep_calls:
                 for attr, acc in here:
-                    acc.kept.append(LayerCall(module, attr, rule, kept, grad_outputs))
+                    acc.kept.append(LayerCall(module, attr, rule, kept, grad_outputs, moved.batched_inputs))
                 return
             per_sample = rule(module, kept, grad_outputs.structured(), names)
             pair_bytes = kept.nbytes() + grad_outputs.nbytes()

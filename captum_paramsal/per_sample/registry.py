@@ -161,8 +161,27 @@ def register_units(
     return decorator
 
 
+_loaded_libraries: set = set()
+
+
+def _load_library_rules(module_type: Type[nn.Module]) -> None:
+    """Import the rule files of the library that defines ``module_type`` (see
+    ``rules.LIBRARY_RULES``), once, the first time one of its layers is met."""
+    library = (module_type.__module__ or "").split(".", 1)[0]
+    if library in _loaded_libraries:
+        return
+    _loaded_libraries.add(library)
+    import importlib
+
+    from .rules import LIBRARY_RULES
+
+    for name in LIBRARY_RULES.get(library, ()):
+        importlib.import_module(f"{__package__}.rules.{name}")
+
+
 def _registered_base(module_type: Type[nn.Module]) -> Optional[Type[nn.Module]]:
     """The nearest registered class of ``module_type`` (itself first), or None."""
+    _load_library_rules(module_type)
     for base in module_type.__mro__:
         if base in _RULES:
             return base
@@ -172,12 +191,12 @@ def _registered_base(module_type: Type[nn.Module]) -> Optional[Type[nn.Module]]:
 def rule_for_module(module: nn.Module) -> Tuple[Optional[LayerRule], str]:
     """``(the rule for this module's type or None, why not)``."""
     module_type = type(module)
-    if module_type in _RULES:
-        return _RULES[module_type], ""
     base = _registered_base(module_type)
     if base is None:
         return None, f"no rule for {module_type.__name__}"
     rule = _RULES[base]
+    if base is module_type:
+        return rule, ""
     if not rule.subclasses:
         return None, f"{module_type.__name__} subclasses {base.__name__}, whose rule does not cover subclasses"
     if module_type.forward is not base.forward:

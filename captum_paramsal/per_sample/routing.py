@@ -59,6 +59,8 @@ class BatchFirstCall:
     inputs: CallInputs
     outputs: List[Tensor]
     output_dims: Optional[List[int]]
+    #: which input tensors are per sample (the others are shared by all samples)
+    batched_inputs: Tuple[int, ...]
 
     def grads_batch_first(self, grads: List[Tensor]) -> List[Tensor]:
         return batch_first(grads, self.output_dims)
@@ -69,28 +71,38 @@ def batch_first_call(rule: Any, module: nn.Module, inputs: CallInputs, output: A
     outputs = output_tensors(output)
     in_dims = out_dims = None
     if rule is not None and rule.batch_dims is not None:
-        in_dims, out_dims = rule.batch_dims(module, inputs, output)
-    moved_inputs = inputs.with_tensors(batch_first(inputs.tensors(), in_dims)) if in_dims is not None else inputs
+        in_dims, out_dims = rule.batch_dims(module, inputs, output)  # ValueError: not this call
+    tensors = inputs.tensors()
+    moved_inputs = inputs.with_tensors(batch_first(tensors, in_dims)) if in_dims is not None else inputs
+    batched = tuple(i for i in range(len(tensors)) if in_dims is None or in_dims[i] is not None)
     moved = batch_first(outputs, out_dims)
     tapped = [i for i, t in enumerate(outputs) if is_tapped(t)]
     dims = None if out_dims is None else [out_dims[i] for i in tapped]
-    return BatchFirstCall(moved_inputs, [moved[i] for i in tapped], dims)
+    return BatchFirstCall(moved_inputs, [moved[i] for i in tapped], dims, batched)
 
 
 def _call_shapes(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) -> Tuple[CallShapes, str]:
     """``(the probe's record of a call, why it is None)``."""
     if not inputs.tensors() or not isinstance(inputs.first, Tensor):
         return None, "its main input is not a tensor"
-    call = batch_first_call(rule, module, inputs, output)
+    try:
+        call = batch_first_call(rule, module, inputs, output)
+    except ValueError as error:
+        return None, str(error)
     if not call.outputs:
         return None, f"it returns a {type(output).__name__} with no floating tensor"
     where = "dim 0" if rule is None or rule.batch_dims is None else "the dim its rule declares"
-    for kind, tensors in (("input", call.inputs.tensors()), ("output", call.outputs)):
+    batched_inputs = [t for i, t in enumerate(call.inputs.tensors()) if i in call.batched_inputs]
+    for kind, tensors in (("input", batched_inputs), ("output", call.outputs)):
         for i, t in enumerate(tensors):
             if t.dim() == 0 or t.shape[0] != 1:
                 shape = tuple(t.shape)
                 return None, f"{kind} tensor {i} of shape {shape} at batch 1 does not have the batch on {where}"
-    input_shapes = tuple(tuple(t.shape[1:]) for t in call.inputs.tensors())
+    # a shared input is recorded whole (its shape must stay), a batched one without the batch
+    input_shapes = tuple(
+        tuple(t.shape[1:]) if i in call.batched_inputs else ("shared", *t.shape)
+        for i, t in enumerate(call.inputs.tensors())
+    )
     return (input_shapes, tuple(tuple(t.shape[1:]) for t in call.outputs)), ""
 
 
@@ -114,8 +126,14 @@ class Routing:
         tensors = moved.inputs.tensors()
         if len(tensors) != len(input_shapes) or len(moved.outputs) != len(output_shapes):
             return False
-        pairs = [*zip(tensors, input_shapes), *zip(moved.outputs, output_shapes)]
-        return all(t.dim() > 0 and t.shape[0] == batch and tuple(t.shape[1:]) == shape for t, shape in pairs)
+        for i, (t, shape) in enumerate(zip(tensors, input_shapes)):
+            if i not in moved.batched_inputs:
+                if ("shared", *t.shape) != shape:
+                    return False
+            elif t.dim() == 0 or t.shape[0] != batch or tuple(t.shape[1:]) != shape:
+                return False
+        return all(t.dim() > 0 and t.shape[0] == batch and tuple(t.shape[1:]) == s for t, s in zip(moved.outputs,
+                                                                                                 output_shapes))
 
 
 #: Tensor attributes and methods that read a parameter's metadata, never its values: using

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import Tensor
 
-from .call import LayerCall
+from .call import LayerCall, is_tapped
 from .engine import SaliencyPass, rules_first
 from .fallback import fallback_unit_saliency, fallback_weighted_input_grads
 from .selection import SelectedParameter
@@ -41,11 +41,12 @@ def _layer_cotangents(
     batch = weights.shape[0]
     per_call = [call.tensors() for call in calls]
     tensors = [t for ts in per_call for t in ts]
-    cotangents = [torch.zeros_like(t) for t in tensors]
+    cotangents = [torch.zeros_like(t) if is_tapped(t) else None for t in tensors]
     chunk = pull_back_chunk(p, [call.detached().per_sample_grad() for call in calls], run.reduction, run.policy)
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
-        leaves = [t[start:stop].detach().requires_grad_() for t in tensors]
+        # integer ids and boolean masks are sliced but not differentiated
+        leaves = [t[start:stop].detach().requires_grad_(is_tapped(t)) for t in tensors]
         with torch.enable_grad():
             grads, offset = [], 0
             for call, ts in zip(calls, per_call):
@@ -56,7 +57,9 @@ def _layer_cotangents(
                 values = reduce_to_units(p, grads, stop - start, run.reduction, run.policy, workspace)
                 pairs = [((values * weights[start:stop]).sum(), None)]
             outputs, grad_outputs = zip(*pairs)
-            parts = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+            differentiable = [leaf for leaf in leaves if leaf.requires_grad]
+            found = iter(torch.autograd.grad(outputs, differentiable, grad_outputs, allow_unused=True))
+            parts = [next(found) if leaf.requires_grad else None for leaf in leaves]
         for cotangent, part in zip(cotangents, parts):
             if part is not None:
                 cotangent[start:stop] += part
@@ -93,7 +96,7 @@ def weighted_saliency_input_grads(
     for p in rule_params:
         tensors, cots = _layer_cotangents(run, p, kept[p.name], weight_of[p.name], workspace)
         for t, c in zip(tensors, cots):
-            if t.requires_grad:
+            if c is not None and t.requires_grad:
                 outputs.append(t)
                 cotangents.append(c)
     kept.clear()

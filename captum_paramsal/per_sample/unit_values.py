@@ -174,6 +174,8 @@ def units_pull_back(
     """
     if not reduction.pulls_back or p.grouping is not default_grouping or closed_form_applies(p, grads, reduction):
         return None
+    if len(grads) == 1 and type(grads[0]).units_by is not PerSampleGrad.units_by:
+        return None  # a form with its own shortcut (sparse rows): autograd through it is cheaper
     batch, numel = weights.shape[0], p.param.numel()
     if _compiles(p, grads, reduction.compiled_pull_back, policy):
         left, right = grads[0].factors(0, batch)

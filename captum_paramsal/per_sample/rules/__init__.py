@@ -6,4 +6,9 @@ and, where a parameter's units are not along index 0, its grouping with
 file here (and one import below).
 """
 
-from . import conv, conv_transpose, layer_norm, linear, recurrent  # noqa: F401  (register their rules)
+from . import attention, conv, conv_transpose, embedding, layer_norm, linear, recurrent  # noqa: F401  (register)
+
+#: rule files for the layers of other libraries, imported the first time the registry meets a
+#: layer from that library (importing transformers' modeling code takes seconds; a model
+#: without such layers never pays it)
+LIBRARY_RULES = {"transformers": ("hf_conv1d", "hf_norms", "hf_vit")}

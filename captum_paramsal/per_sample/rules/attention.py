@@ -113,8 +113,39 @@ def _low_rank(d_projected: Tensor, x: Tensor, shape: Sequence[int]) -> LowRankGr
     return LowRankGrad(d_projected.transpose(1, 2).unsqueeze(1), lambda start, stop: right[start:stop], shape)
 
 
+_ARGUMENT_NAMES = (
+    "query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal",
+)
+
+
+def multihead_attention_batch_dims(module: nn.Module, inputs: CallInputs, output: Any):
+    """Where the batch is: query, key, value and the attention output on dim 0 with
+    ``batch_first``, else dim 1; ``key_padding_mask`` and the attention weights on dim 0; a 2-d
+    ``attn_mask`` is shared by all samples. A per-sample ``(B * heads, L, S)`` mask has no
+    batch dim of its own: such a call goes to the fallback."""
+    sequence = 0 if module.batch_first else 1
+    named: List[Tuple[str, Any]] = [(_ARGUMENT_NAMES[i], v) for i, v in enumerate(inputs.args)]
+    named += list(inputs.kwargs.items())
+    dims: List[Optional[int]] = []
+    for name, value in named:
+        if not isinstance(value, Tensor):
+            continue
+        if name in ("query", "key", "value"):
+            dims.append(sequence)
+        elif name == "key_padding_mask":
+            dims.append(0)
+        elif name == "attn_mask" and value.dim() == 2:
+            dims.append(None)
+        else:
+            raise ValueError(f"its {name} of shape {tuple(value.shape)} is not split by sample (the rule takes a "
+                             "shared (L, S) attn_mask)")
+    outputs = [t for t in (output if isinstance(output, tuple) else (output,)) if isinstance(t, Tensor)]
+    return dims, [sequence, *[0] * (len(outputs) - 1)]
+
+
 @register_rule(
-    nn.MultiheadAttention, params=_PARAMS, default=_IN_PROJ, subclasses=True, name="multihead_attention"
+    nn.MultiheadAttention, params=_PARAMS, default=_IN_PROJ, subclasses=True, name="multihead_attention",
+    batch_dims=multihead_attention_batch_dims,
 )
 def multihead_attention_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Any, names: FrozenSet[str]
