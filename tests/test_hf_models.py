@@ -272,3 +272,21 @@ def test_output_fn_and_model_outputs_errors():
         ParameterSaliency(Scores()).attribute(torch.randn(2, 4), target=torch.tensor([0, 1]))
     got = ParameterSaliency(Scores(), output_fn=lambda out: out["scores"]).attribute(torch.randn(2, 4), target=[0, 1])
     assert got.shape == (2, 3)
+
+
+def test_fit_stats_on_a_tokenized_data_set():
+    """Dict batches as a DataLoader over a tokenized data set yields them, padding and all:
+    the statistics equal those of the same samples passed as (inputs, labels, keywords)."""
+    model = _quiet(bert)
+    ids, mask = _ids_and_mask(padded=True)
+    labels = torch.tensor([0, 2, 1])
+    ps = ParameterSaliency(model)
+    as_dicts = [{"input_ids": ids[:2], "attention_mask": mask[:2], "labels": labels[:2]},
+                {"input_ids": ids[2:], "attention_mask": mask[2:], "labels": labels[2:]}]
+    stats = ps.fit_stats(as_dicts, progress=False)
+    rows = ps.attribute(ids, target=labels, additional_forward_args={"attention_mask": mask})
+    assert stats.count == 3 and rel_err(stats.mean, rows.double().mean(0)) < 1e-10
+    triples = ps.fit_stats([(ids, labels, {"attention_mask": mask})], progress=False)
+    assert rel_err(triples.mean, stats.mean) < 1e-10 and rel_err(triples.std, stats.std) < 1e-8
+    capped = ps.fit_stats(as_dicts, progress=False, max_samples=1)
+    assert capped.count == 1

@@ -202,10 +202,14 @@ class ParameterSaliency(ParameterSpaceAttribution):
         """Reference statistics over ``data`` in one streaming pass (docs/METHOD.md, "Standardization").
 
         Args:
-            data: an iterable of ``(inputs, labels)`` batches, a DataLoader
-                included; ``inputs`` is a tensor or a tuple of tensors. Batches are
-                moved to the model's device. The paper uses the whole validation
-                set with its true labels.
+            data: an iterable of batches, a DataLoader included, each one of: an
+                ``(inputs, labels)`` pair (``inputs`` a tensor or a tuple of tensors); an
+                ``(inputs, labels, {keyword: value})`` triple; a dict with ``"inputs"`` and
+                ``"labels"``; or a Hugging Face batch, a dict with ``"labels"`` and
+                ``"input_ids"`` (or ``"pixel_values"``, ...) whose other entries
+                (``attention_mask`` ...) are passed by keyword. Batches are moved to the
+                model's device. The paper uses the whole validation set with its true
+                labels.
             progress: show a tqdm progress bar (on rank 0 only when distributed).
             max_samples: stop after this many samples (of this process).
             internal_batch_size: as in :meth:`attribute`.
@@ -233,10 +237,11 @@ class ParameterSaliency(ParameterSpaceAttribution):
             progress=progress,
             desc="saliency statistics",
             class_labels=self._default_loss,
+            keyword_inputs=True,
         )
         stats = SaliencyStats.empty(self._selection.identity_layout, self.reduction, self.loss_name)
-        for inputs_tuple, labels in batches:
-            stats.partial_fit(self._raw_saliency(inputs_tuple, labels, None, internal_batch_size))
+        for inputs_tuple, labels, keyword in batches:
+            stats.partial_fit(self._raw_saliency(inputs_tuple, labels, keyword or None, internal_batch_size))
         if distributed:
             stats = stats.all_reduce()
         if stats.count == 0:
