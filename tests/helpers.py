@@ -123,7 +123,7 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8))
 
 
-def _differences(model: nn.Module, before: ModelSnapshot, versions: bool) -> List[str]:
+def _differences(model: nn.Module, before: ModelSnapshot) -> List[str]:
     after = snapshot(model)
     problems: List[str] = []
     if list(after.modules) != list(before.modules):
@@ -153,7 +153,7 @@ def _differences(model: nn.Module, before: ModelSnapshot, versions: bool) -> Lis
             problems.append(f"parameter {name}: requires_grad was {was.requires_grad}, is {now.requires_grad}")
         if now.data_ptr != was.data_ptr:
             problems.append(f"parameter {name} moved to other storage")
-        if versions and now.version != was.version:
+        if now.version != was.version:
             problems.append(f"parameter {name} was written in place (version {was.version} -> {now.version})")
         if was.grad is None:
             if now.grad is not None:
@@ -175,7 +175,7 @@ def _differences(model: nn.Module, before: ModelSnapshot, versions: bool) -> Lis
             problems.append(f"buffer {name} was replaced by another object")
         if not _same_bits(value2, value):
             problems.append(f"buffer {name} changed value")
-        if versions and version2 != version:
+        if version2 != version:
             problems.append(f"buffer {name} was written in place (version {version} -> {version2})")
 
     for key, hooks in before.hooks.items():
@@ -189,14 +189,10 @@ def _differences(model: nn.Module, before: ModelSnapshot, versions: bool) -> Lis
     return problems
 
 
-def assert_unchanged(model: nn.Module, before: ModelSnapshot, *, versions: bool = True) -> None:
-    """Assert ``model`` is as :func:`snapshot` recorded it in ``before``, listing every difference.
-
-    ``versions=False`` for code that writes into the parameters and restores them (``turn_off``,
-    ``boost``, ``perturb`` and what uses them): the values come back bit for bit, the tensors'
-    in-place version counters cannot.
-    """
-    problems = _differences(model, before, versions)
+def assert_unchanged(model: nn.Module, before: ModelSnapshot) -> None:
+    """Assert ``model`` is as :func:`snapshot` recorded it in ``before``, listing every difference
+    (an in-place write that put the old values back still shows, in the version counters)."""
+    problems = _differences(model, before)
     assert not problems, "the model was not left as found:\n  " + "\n  ".join(problems)
 
 
