@@ -71,8 +71,18 @@ def weighted_saliency_input_grads(
 ) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     """``(saliency (B, F), weights (B, F), input gradients)`` for ``weights = weights_of(saliency)``.
 
-    ``run.inputs`` must be floating point; the model must be in eval mode.
+    ``run.inputs`` must be floating point; the model must be in eval mode. Attention runs
+    its math kernel here: the fused scaled-dot-product kernels have no second derivative.
     """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return _weighted_saliency_input_grads(run, weights_of)
+
+
+def _weighted_saliency_input_grads(
+    run: SaliencyPass, weights_of: Callable[[Tensor], Tensor]
+) -> Tuple[Tensor, Tensor, Tuple[Tensor, ...]]:
     leaves = tuple(x.detach().requires_grad_() for x in run.inputs)
     run = run.with_inputs(leaves)
     params = run.selection.params

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import nn
 
 from ..layout import SaliencyLayout
-from .registry import UnitGrouping, default_params, explain_rule, registered_rules, unit_grouping
+from .registry import UnitGrouping, default_params, explain_rule, registered_rules, rule_for_module, unit_grouping
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,29 @@ def wrapper_prefix(model: nn.Module) -> str:
 
 
 def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
+    """``{id(param): [(module, attribute)]}``: the modules whose calls use each parameter.
+
+    Usually the module that holds it. A rule may claim a child's parameter that its module's
+    forward reads functionally (MultiheadAttention reads ``out_proj.weight`` without calling
+    ``out_proj``): the rule's module then owns it under the dotted name, instead of the child.
+    """
     owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for attr, param in module._parameters.items():
             if param is not None:
                 owners.setdefault(id(param), []).append((module, attr))
+    for module in model.modules():
+        rule = rule_for_module(module)[0]
+        for dotted in (name for name in (rule.params if rule is not None else ()) if "." in name):
+            child_path, attr = dotted.rsplit(".", 1)
+            try:
+                child = module.get_submodule(child_path)
+            except AttributeError:
+                continue
+            param = child._parameters.get(attr)
+            if param is not None:
+                others = [(m, a) for m, a in owners.get(id(param), []) if not (m is child and a == attr)]
+                owners[id(param)] = [(module, dotted), *others]
     return owners
 
 

@@ -19,8 +19,9 @@ second-order pass), SDPA runs its math kernel: the fused ones have no double bac
 The attention output before ``out_proj`` is a node of the recomputation as well: the rule
 also returns the per-sample gradients of ``out_proj.weight`` (``left = dY^T``, ``right`` =
 that output) and ``out_proj.bias`` under the names ``"out_proj.weight"`` and
-``"out_proj.bias"`` when ``names`` asks for them (the registry does not route a child's
-parameters to its parent's rule yet; they are not in ``params``).
+``"out_proj.bias"`` when ``names`` asks for them: the rule claims them (dotted names in its
+``params``), so the selection makes the MHA module their owner and the forward's functional
+read of them is a use inside their owner's call.
 
 What the rule is given (batch-first, whatever the module's ``batch_first``):
 
@@ -144,7 +145,8 @@ def multihead_attention_batch_dims(module: nn.Module, inputs: CallInputs, output
 
 
 @register_rule(
-    nn.MultiheadAttention, params=_PARAMS, default=_IN_PROJ, subclasses=True, name="multihead_attention",
+    nn.MultiheadAttention, params=(*_PARAMS, *OUT_PROJ), default=_IN_PROJ, subclasses=True,
+    name="multihead_attention",
     batch_dims=multihead_attention_batch_dims,
 )
 def multihead_attention_per_sample_grads(
