@@ -154,9 +154,15 @@ DEFAULT_TYPES = (
 
 
 def default_param_names(model: nn.Module) -> list:
-    """SPEC §1 default selection: the weight of every Conv*/ConvTranspose*/Linear, in
-    ``named_parameters()`` order (a shared weight appears once, under its first name)."""
+    """The default selection (docs/METHOD.md): the weight of every Conv*/ConvTranspose*/Linear
+    and the in-projection weights of every MultiheadAttention, in ``named_parameters()`` order
+    (a shared weight appears once, under its first name)."""
     weights = {id(m.weight) for m in model.modules() if isinstance(m, DEFAULT_TYPES)}
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if isinstance(getattr(m, attr, None), nn.Parameter):
+                    weights.add(id(getattr(m, attr)))
     return [name for name, p in model.named_parameters() if id(p) in weights]
 
 
