@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from captum_paramsal.per_sample import registry
 from captum_paramsal.per_sample.call import CallInputs
 from captum_paramsal.per_sample.grads import LowRankGrad
 from captum_paramsal.per_sample.policy import KernelPolicy
@@ -40,31 +39,9 @@ except ImportError:  # the Hugging Face rules register nothing then; their tests
     transformers = None
 needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 
-# Importing the rule files registers their rules for the whole process, and pytest imports every
-# test file before it runs any: other files' tests that expect, say, "no rule for Embedding"
-# would see these rules. So what the imports register is taken out again at once and put in only
-# while this file's tests run (a no-op once rules/__init__.py imports the files itself).
-_BEFORE = (dict(registry._RULES), dict(registry._UNITS))
-from captum_paramsal.per_sample.rules import attention, embedding, hf_conv1d, hf_norms, hf_vit  # noqa: E402
-
-_OURS = tuple(
-    {key: value for key, value in table.items() if before.get(key) is not value}
-    for table, before in zip((registry._RULES, registry._UNITS), _BEFORE)
-)
-for _table, _before in zip((registry._RULES, registry._UNITS), _BEFORE):
-    _table.clear()
-    _table.update(_before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def transformer_rules_registered():
-    saved = (dict(registry._RULES), dict(registry._UNITS))
-    for table, ours in zip((registry._RULES, registry._UNITS), _OURS):
-        table.update(ours)
-    yield
-    for table, before in zip((registry._RULES, registry._UNITS), saved):
-        table.clear()
-        table.update(before)
+# the Hugging Face rule files are imported by the registry the first time it meets one of
+# their layers; these tests call the rules directly, so they import them themselves
+from captum_paramsal.per_sample.rules import attention, embedding, hf_conv1d, hf_norms, hf_vit  # noqa: E402,F401
 
 B = 4
 DT = torch.float64
