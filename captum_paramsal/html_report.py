@@ -12,12 +12,15 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ._utils import evaluation_mode
+
+if TYPE_CHECKING:
+    from ._core.parameter_saliency import ParameterSaliency
 
 
 @dataclass
@@ -59,7 +62,7 @@ def _maps_figure(path: str, image: Tensor, maps: dict, title: str, low_percentil
 
 def write_report(
     model: torch.nn.Module,
-    ps,
+    ps: ParameterSaliency,
     inputs: Tensor,
     labels: Tensor,
     out_dir: str,

@@ -110,7 +110,7 @@ class SaliencyProfile:
     def _title(self, what: str, sample: int, name: Optional[str]) -> str:
         return f"{what}: {name if name is not None else f'sample {sample}'}"
 
-    def plot(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None):
+    def plot(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None) -> Any:
         """The paper's figure: each layer's values sorted descending, layers in network order,
         boundaries marked, the sample's top-``k`` units highlighted. Returns the Figure.
 
@@ -123,7 +123,9 @@ class SaliencyProfile:
         return plot_profile(self.values[sample], self.layout, k=k, value_label=self.value_label,
                             title=self._title("parameter saliency profile", sample, name), ax=ax)
 
-    def plot_top_k(self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None):
+    def plot_top_k(
+        self, sample: int = 0, k: int = 10, ax: Optional[Any] = None, name: Optional[str] = None
+    ) -> Any:
         """A bar chart of the sample's top-``k`` units (``name`` as in :meth:`plot`). Returns the Figure."""
         from .visualization import plot_top_units
 

@@ -33,13 +33,13 @@ def _one_sample(values, layout: SaliencyLayout) -> torch.Tensor:
 
 
 def plot_profile(
-    values,
+    values: torch.Tensor,
     layout: SaliencyLayout,
     k: int = 10,
     value_label: str = "saliency",
     title: Optional[str] = None,
     ax: Optional[Any] = None,
-):
+) -> Any:
     """The paper's profile figure of one sample: each parameter's units sorted by value,
     descending, concatenated in network order; vertical lines between parameters; the
     sample's top-``k`` units in red.
@@ -84,13 +84,13 @@ def plot_profile(
 
 
 def plot_top_units(
-    values,
+    values: torch.Tensor,
     layout: SaliencyLayout,
     k: int = 10,
     value_label: str = "saliency",
     title: Optional[str] = None,
     ax: Optional[Any] = None,
-):
+) -> Any:
     """A horizontal bar chart of one sample's ``k`` largest units, the largest on top.
 
     Arguments as :func:`plot_profile` (default title: ``"top k units"``). Returns the ``Figure``.
@@ -110,14 +110,14 @@ def plot_top_units(
 
 
 def paper_heatmap(
-    attr,
-    image,
+    attr: Any,
+    image: Any,
     alpha: float = 0.5,
     cmap: str = "jet",
     low_percentile: float = 90.0,
     high_percentile: float = 99.0,
     path: Optional[str] = None,
-):
+) -> Any:
     """Render an input attribution the way the paper does, over its image.
 
     Steps: the channel max of the signed gradient, its absolute value, values above the

@@ -12,7 +12,7 @@ import os
 import time
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
         help="the embedded digits CNN: its mistakes, their salient units, the turn-off test, an HTML report",

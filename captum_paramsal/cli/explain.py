@@ -8,7 +8,7 @@ import os
 from ._common import add_model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "explain",
         help="an HTML report for given images with their labels, a model and its statistics",

@@ -15,7 +15,7 @@ import torch
 from ._common import add_model_arguments
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "stats",
         help="fit standardization statistics of a torchvision model over an image folder",

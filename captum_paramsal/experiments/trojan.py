@@ -116,7 +116,7 @@ def background(count: int, size: int, generator: torch.Generator) -> Tensor:
     return 0.7 * smooth + 0.3 * fine
 
 
-def make_data(setup: TrojanSetup):
+def make_data(setup: TrojanSetup) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
     """Poisoned training set, clean test set, and the triggered test set with its masks."""
     from ..zoo.digits import digits_data
 
@@ -200,7 +200,9 @@ def pointing_game(scores: Tensor, mask: Tensor) -> float:
     return float((top & mask).sum()) / float(top.sum())
 
 
-def select_samples(model: nn.Module, clean, triggered, setup: TrojanSetup):
+def select_samples(
+    model: nn.Module, clean: Tuple[Tensor, Tensor], triggered: Tuple[Tensor, Tensor], setup: TrojanSetup
+) -> Tuple[Tensor, Tensor, Dict[str, int]]:
     """Triggered test samples whose decision the patch alone switched to the target class."""
     x, y = clean
     tx, masks = triggered
@@ -383,7 +385,7 @@ def report(outcome: Dict) -> str:
     )
 
 
-def add_parser(commands) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``trojan`` as a subcommand of an ``argparse`` subparsers object (the CLI's)."""
     parser = commands.add_parser(
         "trojan",

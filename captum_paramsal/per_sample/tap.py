@@ -10,7 +10,7 @@ the callback gets every gradient at once, zeros for an output the loss did not u
 
 from __future__ import annotations
 
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,7 +21,9 @@ from .call import is_tapped
 
 class GradTap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, on_grad: Callable[[List[Tensor]], None], *outputs: Tensor):
+    def forward(
+        ctx: Any, anchor: Tensor, on_grad: Callable[[List[Tensor]], None], *outputs: Tensor
+    ) -> Tuple[Tensor, ...]:
         ctx.on_grad = on_grad
         ctx.anchor_meta = (anchor.dtype, anchor.device)
         # Clones, not the inputs themselves: a returned input would be a view that an
@@ -29,7 +31,7 @@ class GradTap(torch.autograd.Function):
         return tuple(output.clone() for output in outputs)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor):
+    def backward(ctx: Any, *grads: Tensor) -> Tuple[Optional[Tensor], ...]:
         # Only the first backward reports: a later one (the second-order pass goes back
         # through the forward graph) passes the gradient through like any identity.
         if ctx.on_grad is not None:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..stats import SaliencyStats
 
 HERE = os.path.dirname(__file__)
 WEIGHTS_FILE = os.path.join(HERE, "digits_cnn.safetensors")
@@ -76,7 +79,9 @@ def read_metadata(path: str = WEIGHTS_FILE) -> Dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_digits_model(path: Optional[str] = None, with_stats: bool = True):
+def load_digits_model(
+    path: Optional[str] = None, with_stats: bool = True
+) -> Tuple[nn.Module, Optional[SaliencyStats], DigitsData]:
     """``(model, stats, data)``: the shipped CNN in eval mode, its reference statistics (or
     ``None`` with ``with_stats=False``) and the digits split it was trained and evaluated on."""
     from safetensors.torch import load_file

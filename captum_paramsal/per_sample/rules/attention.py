@@ -119,7 +119,9 @@ _ARGUMENT_NAMES = (
 )
 
 
-def multihead_attention_batch_dims(module: nn.Module, inputs: CallInputs, output: Any):
+def multihead_attention_batch_dims(
+    module: nn.Module, inputs: CallInputs, output: Any
+) -> Tuple[List[Optional[int]], List[int]]:
     """Where the batch is: query, key, value and the attention output on dim 0 with
     ``batch_first``, else dim 1; ``key_padding_mask`` and the attention weights on dim 0; a 2-d
     ``attn_mask`` is shared by all samples. A per-sample ``(B * heads, L, S)`` mask has no
