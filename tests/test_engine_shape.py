@@ -445,3 +445,13 @@ def test_reading_a_weights_metadata_outside_its_module_keeps_the_rule():
         ps = ParameterSaliency(model)
         assert ps.routing(x).fallback == fallback
         assert rel_err(ps.attribute(x, target=y), naive_unit_saliency(model, (x,), y, list(ps.layout.names))) < 1e-10
+
+
+def test_a_rule_can_refuse_a_configuration_of_its_layer():
+    """An Embedding with max_norm renormalizes its weight inside the forward: its rule says so,
+    and the parameter goes to the fallback, named in the report."""
+    model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0), nn.Flatten(), nn.Linear(12, 3)).double()
+    report = ParameterSaliency(model, params=["0.weight", "2.weight"]).routing(torch.randint(0, 10, (2, 3)))
+    assert report.fallback == ("0.weight",) and "max_norm" in report[0].reason
+    plain = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double()
+    assert ParameterSaliency(plain, params=["0.weight"]).routing(torch.randint(0, 10, (2, 3))).fallback == ()

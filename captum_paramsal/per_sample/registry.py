@@ -80,6 +80,9 @@ class LayerRule:
     subclasses: bool
     input_rows: Optional[InputRows] = field(default=None, compare=False)
     batch_dims: Optional[BatchDims] = field(default=None, compare=False)
+    #: ``unsupported(module) -> reason or None``: a configuration of the layer the rule does
+    #: not compute (an Embedding with ``max_norm``); such a module goes to the fallback
+    unsupported: Optional[Callable[[nn.Module], Optional[str]]] = field(default=None, compare=False)
 
     def __call__(
         self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
@@ -99,6 +102,7 @@ def register_rule(
     input_rows: Optional[InputRows] = None,
     name: Optional[str] = None,
     batch_dims: Optional[BatchDims] = None,
+    unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None,
 ) -> Callable[[PerSampleRule], PerSampleRule]:
     """Register the decorated ``rule(module, inputs, grad_output, names)`` for ``module_types``.
 
@@ -117,6 +121,9 @@ def register_rule(
             dim of each tensor input and each tensor output holds the batch (a sequence-first
             layer, an LSTM's ``h_n``); the engine moves them to 0 before calling the rule, so
             that a rule only ever sees batch-first tensors. Default: dim 0 everywhere.
+        unsupported: ``unsupported(module) -> reason or None``, for configurations of the layer
+            the rule does not compute: such a module goes to the fallback, with the reason in
+            the routing report.
 
     Examples::
 
@@ -133,7 +140,7 @@ def register_rule(
     def decorator(compute: PerSampleRule) -> PerSampleRule:
         rule = LayerRule(
             name or getattr(compute, "__name__", "rule"), tuple(module_types), compute,
-            frozenset(params), frozenset(default), bool(subclasses), input_rows, batch_dims,
+            frozenset(params), frozenset(default), bool(subclasses), input_rows, batch_dims, unsupported,
         )
         for module_type in module_types:
             _RULES[module_type] = rule
@@ -195,6 +202,9 @@ def rule_for_module(module: nn.Module) -> Tuple[Optional[LayerRule], str]:
     if base is None:
         return None, f"no rule for {module_type.__name__}"
     rule = _RULES[base]
+    why = rule.unsupported(module) if rule.unsupported is not None else None
+    if why:
+        return None, why
     if base is module_type:
         return rule, ""
     if not rule.subclasses:

@@ -120,6 +120,10 @@ def embedding_unsupported(module: nn.Module) -> Optional[str]:
     return None
 
 
+def _why_not(module: nn.Module) -> Optional[str]:
+    return embedding_unsupported(module)
+
+
 def _check(module: nn.Module) -> None:
     why = embedding_unsupported(module)
     if why is not None:
@@ -132,7 +136,9 @@ def _scaled_by_frequency(samples: Tensor, rows: Tensor, values: Tensor, num_rows
     return values / counts[where].to(values.dtype).unsqueeze(-1)
 
 
-@register_rule(nn.Embedding, params=("weight",), default=(), subclasses=True, name="embedding")
+@register_rule(
+    nn.Embedding, params=("weight",), default=(), subclasses=True, name="embedding", unsupported=lambda m: _why_not(m)
+)
 def embedding_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
@@ -202,7 +208,10 @@ def _first_max(module: nn.EmbeddingBag, rows: Tensor, bags: Tensor, batch: int) 
     return (position == first[bags]).to(looked_up.dtype)
 
 
-@register_rule(nn.EmbeddingBag, params=("weight",), default=(), subclasses=True, name="embedding_bag")
+@register_rule(
+    nn.EmbeddingBag, params=("weight",), default=(), subclasses=True, name="embedding_bag",
+    unsupported=lambda m: _why_not(m),
+)
 def embedding_bag_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
