@@ -455,3 +455,36 @@ def test_a_rule_can_refuse_a_configuration_of_its_layer():
     assert report.fallback == ("0.weight",) and "max_norm" in report[0].reason
     plain = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3)).double()
     assert ParameterSaliency(plain, params=["0.weight"]).routing(torch.randint(0, 10, (2, 3))).fallback == ()
+
+
+class DataDependent(nn.Module):
+    """A forward with data-dependent control flow (as Hugging Face's mask code has), around a
+    parameter no rule covers: vmap cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act = nn.PReLU(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        if bool(mask.all()):  # vmap refuses a tensor's value in Python control flow
+            x = x * 1.0
+        return self.head(self.act(x) * mask)
+
+
+def test_the_fallback_loops_over_samples_where_vmap_cannot_trace_the_model():
+    torch.manual_seed(0)
+    model = DataDependent().double()
+    x, y = torch.randn(4, 4, dtype=torch.float64), _labels(4, 3)
+    mask = torch.ones(4, 4, dtype=torch.float64)
+    mask[1, 2:] = 0
+    names = ["act.weight", "head.weight"]
+    ps = ParameterSaliency(model, params=names)
+    with pytest.warns(RuntimeWarning, match="fallback for act.weight could not vmap the model.*one sample at a time"):
+        got = ps.attribute(x, target=y, additional_forward_args={"mask": mask})
+    expected = naive_unit_saliency(model, (x,), y, names, additional_forward_args=(mask,))
+    assert rel_err(got, expected) < 1e-10
+    with pytest.warns(RuntimeWarning, match="could not vmap"):
+        boosted = ParameterGuidedInputSaliency(model, params=names, k=2).attribute(
+            x, target=y, additional_forward_args={"mask": mask})
+    assert torch.isfinite(boosted).all() and boosted.abs().sum() > 0
