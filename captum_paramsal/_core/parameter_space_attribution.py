@@ -119,6 +119,9 @@ class ParameterSpaceAttribution(GradientAttribution):
             raise TypeError(f"compile_kernels must be a bool, got {compile_kernels!r}")
         self.compile_kernels = compile_kernels
         self._kernels = CompiledKernels()
+        # rule-covered default parameters that a probe sent to the fallback, already warned about
+        self._warned_routes: set = set()
+        self._default_selection = params is None
         if params is None:
             self._warn_default_fallback()
 
@@ -133,7 +136,8 @@ class ParameterSpaceAttribution(GradientAttribution):
         if clashing:
             raise ValueError(f"with share=, {', '.join(clashing)} come from the shared method; leave them out")
         for attr in ("_reduction", "_selection", "_routing_cache", "_default_loss", "loss_fn", "loss_name",
-                     "fallback_chunk_size", "compile_kernels", "_kernels", "output_fn"):
+                     "fallback_chunk_size", "compile_kernels", "_kernels", "output_fn", "_warned_routes",
+                     "_default_selection"):
             setattr(self, attr, getattr(other, attr))
 
     def _warn_default_fallback(self) -> None:
@@ -148,6 +152,26 @@ class ParameterSpaceAttribution(GradientAttribution):
                 UserWarning,
                 stacklevel=outside_stacklevel(),
             )
+
+    def _warn_probe_fallback(self, routing: Any) -> None:
+        """Default-selected parameters whose layer has a rule but that the probe sent to the
+        fallback (a weight read outside its module, a layer fed sequence-first tensors): say so
+        once per parameter, so that nothing takes the slow path silently."""
+        if not self._default_selection:
+            return
+        covered = {p.name for p in self._selection.params if p.has_rule}
+        slow = [(name, why) for name, why in routing.reasons.items() if name in covered and name not in
+                self._warned_routes]
+        if not slow:
+            return
+        self._warned_routes.update(name for name, _ in slow)
+        shown = "; ".join(f"{name}: {why}" for name, why in slow[:3]) + ("; ..." if len(slow) > 3 else "")
+        warnings.warn(
+            f"{len(slow)} default-selected parameter(s) whose layer has a per-layer rule go to the exact but slower "
+            f"torch.func fallback for these inputs ({shown}); see .routing(inputs)",
+            UserWarning,
+            stacklevel=outside_stacklevel(),
+        )
 
     @property
     def layout(self) -> SaliencyLayout:
@@ -191,6 +215,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         ``evaluation_mode(self.model)``: the probe runs on the first chunk."""
         batch, extra, keyword = prepared.batch, prepared.additional_forward_args, prepared.forward_kwargs
         routing = self._routing_cache.routing(self.model, self._selection, prepared.inputs, extra, keyword)
+        self._warn_probe_fallback(routing)
         policy = KernelPolicy.for_device(self._device(), self.compile_kernels, self._kernels)
         step = internal_batch_size or batch
         for start in range(0, batch, step):
