@@ -27,7 +27,7 @@ from captum_paramsal.per_sample.call import CallInputs
 from captum_paramsal.per_sample.grads import LowRankGrad
 from captum_paramsal.per_sample.policy import KernelPolicy
 from captum_paramsal.per_sample.reductions import get_reduction
-from captum_paramsal.per_sample.registry import default_grouping, default_params, find_rule, unit_grouping
+from captum_paramsal.per_sample.registry import default_grouping, default_params, explain_rule, find_rule, unit_grouping
 from captum_paramsal.per_sample.selection import SelectedParameter
 from captum_paramsal.per_sample.unit_values import Workspace, reduce_to_units, units_pull_back
 
@@ -316,8 +316,13 @@ def test_embedding_units_by_never_builds_the_table():
 def test_embedding_max_norm_is_refused():
     module = nn.Embedding(11, 5, max_norm=1.0).double()
     case = embedding_case(module, token_ids(B, 3, vocab=11))
+    # the registry refuses the configuration (the module goes to the fallback) ...
+    rule, why = explain_rule(module, "weight")
+    assert rule is None and "max_norm" in why
+    # ... and the rule itself, called anyway, raises
     with pytest.raises(ValueError, match="max_norm"):
-        rule_grads(case)
+        embedding.embedding_per_sample_grads(module, case.call(case.tensors), case.grad_output(case.cotangents),
+                                             frozenset(case.names))
     assert embedding.embedding_unsupported(module) is not None
     assert embedding.embedding_unsupported(nn.Embedding(3, 2)) is None
 
