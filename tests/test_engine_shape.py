@@ -248,7 +248,8 @@ def test_subclasses_keeping_forward_take_the_rule_and_the_others_say_why_not():
 
 
 class Mixed(nn.Module):
-    """A weight read outside its module, a sequence-first call, a layer without a rule."""
+    """A weight read outside its module, a sequence-first call (which Linear's position-wise rule
+    takes), a layer without a rule."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -273,16 +274,16 @@ def test_the_routing_report_names_each_reason():
     ps = ParameterSaliency(model, params=names)
     report = ps.routing(tokens)
     reasons = {row.parameter: row.reason for row in report}
-    assert report.fallback == ("act.weight", "seq.weight", "tied.weight")
+    assert report.fallback == ("act.weight", "tied.weight")
     assert reasons["act.weight"] == "no rule for PReLU"
     assert reasons["emb.weight"] == ""  # the embedding's rule
-    assert "does not have the batch on dim 0" in reasons["seq.weight"]
+    assert reasons["seq.weight"] == ""  # called sequence first: a position-wise rule moves the batch
     assert "used outside a call of the module that holds it" in reasons["tied.weight"]
     assert reasons["head.weight"] == reasons["head.bias"] == ""
     text = str(report)
     assert text.splitlines()[0].split() == ["parameter", "module", "route", "reason"]
     assert "rule: linear" in text and "fallback" in text
-    assert text.endswith("3 of 6 parameters by rules, 3 by the fallback")
+    assert text.endswith("4 of 6 parameters by rules, 2 by the fallback")
     assert report.to_markdown().count("\n") == len(names) + 1
     got = ps.attribute(tokens, target=y)
     assert rel_err(got, naive_unit_saliency(model, (tokens,), y, names)) < 1e-10
@@ -494,3 +495,39 @@ def test_the_fallback_loops_over_samples_where_vmap_cannot_trace_the_model():
         boosted = ParameterGuidedInputSaliency(model, params=names, k=2).attribute(
             x, target=y, additional_forward_args={"mask": mask})
     assert torch.isfinite(boosted).all() and boosted.abs().sum() > 0
+
+
+class SequenceFirstBlock(nn.Module):
+    """Position-wise layers (Linear, LayerNorm, Embedding) fed sequence first, (T, B, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.lin = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.norm(torch.tanh(self.lin(self.emb(tokens.T))))  # (T, B, 6)
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("steps", [5, 1], ids=["T5", "T1"])
+@pytest.mark.parametrize("reduction", ["mean_abs", "rms"])
+def test_position_wise_rules_take_sequence_first_calls(monkeypatch, steps, reduction):
+    """Sequence first, the batch is dim 1; with one step the probe's (1, 1) cannot tell, and
+    the pass finds it. Both by the rules: the fallback would fail this test."""
+    import captum_paramsal.per_sample.engine as engine
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the fallback ran")
+
+    monkeypatch.setattr(engine, "fallback_unit_saliency", no_fallback)
+    torch.manual_seed(0)
+    model = SequenceFirstBlock().double()
+    tokens, y = torch.randint(0, 9, (4, steps)), _labels(4, 3)
+    names = [n for n, _ in model.named_parameters()]
+    ps = ParameterSaliency(model, params=names, reduction=reduction)
+    assert ps.routing(tokens).fallback == ()
+    got = ps.attribute(tokens, target=y, internal_batch_size=3)
+    assert rel_err(got, naive_unit_saliency(model, (tokens,), y, names, reduction=reduction)) < 1e-10

@@ -27,7 +27,14 @@ from .grads import PerSampleGrad
 from .policy import KernelPolicy
 from .reductions import Reduction
 from .registry import find_rule
-from .routing import ParameterUseWatch, Routing, batch_first_call
+from .routing import (
+    BatchFirstCall,
+    ParameterUseWatch,
+    Routing,
+    batch_first_call,
+    positionwise_dim,
+    positionwise_dims,
+)
 from .selection import SelectedParameter, Selection
 from .tap import new_anchor, tap_output
 from .unit_values import Workspace, reduce_to_units
@@ -192,6 +199,28 @@ class _TappedPass:
 
     # -- the hooks --------------------------------------------------------------------
 
+    def _moved(self, module: nn.Module, call: int, rule, inputs, output) -> Optional[BatchFirstCall]:
+        """The call moved batch first as the probe recorded it, or None where it does not match
+        the probe (the parameters then go to the fallback for this pass). A position-wise layer
+        whose probe could not tell the batch dim (a sequence of one step: ``(1, 1, D)``) has it
+        found here, where the batch has its real size."""
+        routing, batch = self.run.routing, self.run.batch
+        if not isinstance(inputs.first, Tensor):
+            return None
+        try:
+            moved = batch_first_call(rule, module, inputs, output, routing.call_dims(module, call))
+        except ValueError:  # the rule cannot take this call (the probe said why)
+            return None
+        if routing.call_matches_probe(module, call, batch, moved):
+            return moved
+        if rule.positionwise and rule.batch_dims is None and routing.call_dims(module, call) is None and batch > 1:
+            found = positionwise_dim(inputs, output, batch)
+            if found is not None:
+                moved = batch_first_call(rule, module, inputs, output, positionwise_dims(inputs, output, found))
+                if routing.call_matches_probe(module, call, batch, moved):
+                    return moved
+        return None
+
     def on_forward(self, module: nn.Module, args, kwargs, output):
         call = self.call_counts.get(module, 0)
         self.call_counts[module] = call + 1
@@ -199,11 +228,8 @@ class _TappedPass:
         here = self.by_module[module]
         names = frozenset(attr for attr, _ in here)
         rule = find_rule(module, next(iter(names)))
-        try:
-            moved = batch_first_call(rule, module, inputs, output) if isinstance(inputs.first, Tensor) else None
-        except ValueError:  # the rule cannot take this call (the probe said why)
-            moved = None
-        if moved is None or not self.run.routing.call_matches_probe(module, call, self.run.batch, moved):
+        moved = self._moved(module, call, rule, inputs, output)
+        if moved is None:
             for _, acc in here:
                 acc.unusable = True
             return None

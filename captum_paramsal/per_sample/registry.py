@@ -83,6 +83,9 @@ class LayerRule:
     #: ``unsupported(module) -> reason or None``: a configuration of the layer the rule does
     #: not compute (an Embedding with ``max_norm``); such a module goes to the fallback
     unsupported: Optional[Callable[[nn.Module], Optional[str]]] = field(default=None, compare=False)
+    #: the layer treats every leading position alike (Linear, a norm, an embedding), so its batch
+    #: may be any leading dim: the probe finds it (a sequence-first call) and the engine moves it
+    positionwise: bool = False
 
     def __call__(
         self, module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
@@ -103,6 +106,7 @@ def register_rule(
     name: Optional[str] = None,
     batch_dims: Optional[BatchDims] = None,
     unsupported: Optional[Callable[[nn.Module], Optional[str]]] = None,
+    positionwise: bool = False,
 ) -> Callable[[PerSampleRule], PerSampleRule]:
     """Register the decorated ``rule(module, inputs, grad_output, names)`` for ``module_types``.
 
@@ -124,6 +128,9 @@ def register_rule(
         unsupported: ``unsupported(module) -> reason or None``, for configurations of the layer
             the rule does not compute: such a module goes to the fallback, with the reason in
             the routing report.
+        positionwise: the layer treats every leading position alike (it maps ``(..., D_in)`` to
+            ``(..., D_out)`` position by position), so a call fed sequence first, ``(T, B, D)``,
+            is exact too: the probe finds the batch dim and the engine moves it to 0.
 
     Examples::
 
@@ -141,6 +148,7 @@ def register_rule(
         rule = LayerRule(
             name or getattr(compute, "__name__", "rule"), tuple(module_types), compute,
             frozenset(params), frozenset(default), bool(subclasses), input_rows, batch_dims, unsupported,
+            bool(positionwise),
         )
         for module_type in module_types:
             _RULES[module_type] = rule

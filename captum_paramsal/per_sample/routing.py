@@ -45,10 +45,10 @@ from .selection import SelectedParameter, Selection
 from .tap import new_anchor, tap_output
 
 #: One call as the probe saw it: the shapes of its tensor inputs and of its tapped output
-#: tensors at batch 1 without the batch dim (all moved batch first as the rule declares),
-#: or None when the batch was not where the rule expects it in all of them (or the call
-#: had no tensor input, or no floating output tensor).
-CallShapes = Optional[Tuple[Tuple[Tuple[int, ...], ...], Tuple[Tuple[int, ...], ...]]]
+#: tensors at batch 1 without the batch dim (all moved batch first), and the batch dims it
+#: moved (None: dim 0 everywhere); or None when the batch was not where the rule expects it
+#: in all of them (or the call had no tensor input, or no floating output tensor).
+CallShapes = Optional[Tuple[Tuple[Any, ...], Tuple[Tuple[int, ...], ...], Optional[Tuple[Any, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,16 @@ class BatchFirstCall:
         return batch_first(grads, self.output_dims)
 
 
-def batch_first_call(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) -> BatchFirstCall:
-    """``inputs`` and ``output`` of one call moved batch first as ``rule`` declares."""
+def batch_first_call(
+    rule: Any, module: nn.Module, inputs: CallInputs, output: Any, dims: Optional[Tuple[Any, Any]] = None
+) -> BatchFirstCall:
+    """``inputs`` and ``output`` of one call moved batch first: by ``dims`` (``(input dims,
+    output dims)``, as the probe recorded them) where given, else as ``rule`` declares."""
     outputs = output_tensors(output)
     in_dims = out_dims = None
-    if rule is not None and rule.batch_dims is not None:
+    if dims is not None:
+        in_dims, out_dims = dims
+    elif rule is not None and rule.batch_dims is not None:
         in_dims, out_dims = rule.batch_dims(module, inputs, output)  # ValueError: not this call
     tensors = inputs.tensors()
     moved_inputs = inputs.with_tensors(batch_first(tensors, in_dims)) if in_dims is not None else inputs
@@ -81,12 +86,39 @@ def batch_first_call(rule: Any, module: nn.Module, inputs: CallInputs, output: A
     return BatchFirstCall(moved_inputs, [moved[i] for i in tapped], dims, batched)
 
 
+def positionwise_dim(inputs: CallInputs, output: Any, size: int = 1) -> Optional[int]:
+    """For a layer that treats every leading position alike (Linear, a norm, an embedding):
+    the first dim, other than 0, that has ``size`` (the batch) in every tensor input and
+    output and is not a floating tensor's last (feature) dim; None where there is none."""
+    tensors = [*inputs.tensors(), *(t for t in output_tensors(output) if is_tapped(t))]
+    depth = min(t.dim() - (1 if t.is_floating_point() else 0) for t in tensors)
+    for dim in range(1, depth):
+        if all(t.shape[dim] == size for t in tensors):
+            return dim
+    return None
+
+
+def positionwise_dims(inputs: CallInputs, output: Any, dim: int) -> Tuple[List[int], List[int]]:
+    """``(input dims, output dims)`` with the batch at ``dim`` in every tensor."""
+    return [dim] * len(inputs.tensors()), [dim] * len(output_tensors(output))
+
+
 def _call_shapes(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) -> Tuple[CallShapes, str]:
     """``(the probe's record of a call, why it is None)``."""
     if not inputs.tensors() or not isinstance(inputs.first, Tensor):
         return None, "its main input is not a tensor"
+    dims = None
+    if rule is not None and rule.positionwise and rule.batch_dims is None:
+        batch_first_already = all(
+            t.dim() > 0 and t.shape[0] == 1 for t in (*inputs.tensors(), *output_tensors(output)) if is_tapped(t)
+        ) and all(t.dim() > 0 and t.shape[0] == 1 for t in inputs.tensors())
+        found = None if batch_first_already else positionwise_dim(inputs, output)
+        if found is not None:  # a sequence-first call of a position-wise layer: move its batch
+            dims = positionwise_dims(inputs, output, found)
     try:
-        call = batch_first_call(rule, module, inputs, output)
+        call = batch_first_call(rule, module, inputs, output, dims)
+        if dims is None and rule is not None and rule.batch_dims is not None:
+            dims = rule.batch_dims(module, inputs, output)
     except ValueError as error:
         return None, str(error)
     if not call.outputs:
@@ -103,7 +135,8 @@ def _call_shapes(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) 
         tuple(t.shape[1:]) if i in call.batched_inputs else ("shared", *t.shape)
         for i, t in enumerate(call.inputs.tensors())
     )
-    return (input_shapes, tuple(tuple(t.shape[1:]) for t in call.outputs)), ""
+    recorded = None if dims is None else (tuple(dims[0]), tuple(dims[1]))
+    return (input_shapes, tuple(tuple(t.shape[1:]) for t in call.outputs), recorded), ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +148,12 @@ class Routing:
     calls: Dict[nn.Module, Tuple[CallShapes, ...]] = field(default_factory=dict)
     reasons: Dict[str, str] = field(default_factory=dict)
 
+    def call_dims(self, module: nn.Module, call: int) -> Optional[Tuple[Any, Any]]:
+        """The batch dims the probe moved for call number ``call`` of ``module`` (None: dim 0
+        everywhere, or no record)."""
+        calls = self.calls.get(module, ())
+        return calls[call][2] if call < len(calls) and calls[call] is not None else None
+
     def call_matches_probe(self, module: nn.Module, call: int, batch: int, moved: BatchFirstCall) -> bool:
         """Whether call number ``call`` of ``module``, moved batch first, has the batch on dim 0
         of every tensor: the probe said so, and each tensor has the probe's shape but for
@@ -122,7 +161,7 @@ class Routing:
         calls = self.calls.get(module, ())
         if call >= len(calls) or calls[call] is None:
             return False
-        input_shapes, output_shapes = calls[call]
+        input_shapes, output_shapes, _ = calls[call]
         tensors = moved.inputs.tensors()
         if len(tensors) != len(input_shapes) or len(moved.outputs) != len(output_shapes):
             return False

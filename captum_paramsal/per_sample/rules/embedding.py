@@ -137,7 +137,8 @@ def _scaled_by_frequency(samples: Tensor, rows: Tensor, values: Tensor, num_rows
 
 
 @register_rule(
-    nn.Embedding, params=("weight",), default=(), subclasses=True, name="embedding", unsupported=lambda m: _why_not(m)
+    nn.Embedding, params=("weight",), default=(), subclasses=True, name="embedding", unsupported=lambda m: _why_not(m),
+    positionwise=True,
 )
 def embedding_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]

@@ -85,5 +85,7 @@ def hf_conv1d_per_sample_grads(
 
 
 if Conv1D is not None:
-    register_rule(Conv1D, default=("weight",), subclasses=True, name="hf_conv1d")(hf_conv1d_per_sample_grads)
+    register_rule(Conv1D, default=("weight",), subclasses=True, name="hf_conv1d", positionwise=True)(
+        hf_conv1d_per_sample_grads
+    )
     register_units(Conv1D, param="weight", num_units=lambda module: module.nf)(output_feature_units)

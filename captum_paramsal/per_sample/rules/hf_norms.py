@@ -63,9 +63,9 @@ def t5_layer_norm_per_sample_grads(
 def register_hf_rms_norm(*module_types: type) -> None:
     """Register the ``LlamaRMSNorm`` rule for classes with the same ``forward`` (and the
     ``weight`` and ``variance_epsilon`` attributes)."""
-    register_rule(*module_types, params=("weight",), default=(), subclasses=True, name="hf_rms_norm")(
-        llama_rms_norm_per_sample_grads
-    )
+    register_rule(
+        *module_types, params=("weight",), default=(), subclasses=True, name="hf_rms_norm", positionwise=True
+    )(llama_rms_norm_per_sample_grads)
 
 
 try:
@@ -80,6 +80,8 @@ except Exception:  # noqa: BLE001
 if LlamaRMSNorm is not None:
     register_hf_rms_norm(LlamaRMSNorm)
 if T5LayerNorm is not None:
-    register_rule(T5LayerNorm, params=("weight",), default=(), subclasses=True, name="hf_t5_layer_norm")(
+    register_rule(
+        T5LayerNorm, params=("weight",), default=(), subclasses=True, name="hf_t5_layer_norm", positionwise=True
+    )(
         t5_layer_norm_per_sample_grads
     )

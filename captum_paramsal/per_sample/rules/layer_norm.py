@@ -26,7 +26,7 @@ def _per_sample_sum(values: Tensor, batch: int, normalized: int) -> Tensor:
     return values.reshape(batch, -1, *shape).sum(1)
 
 
-@register_rule(nn.LayerNorm, subclasses=True, name="layer_norm")
+@register_rule(nn.LayerNorm, subclasses=True, name="layer_norm", positionwise=True)
 def layer_norm_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
@@ -46,7 +46,7 @@ def layer_norm_per_sample_grads(
 
 if hasattr(nn, "RMSNorm"):  # torch >= 2.4
 
-    @register_rule(nn.RMSNorm, params=("weight",), subclasses=True, name="rms_norm")
+    @register_rule(nn.RMSNorm, params=("weight",), subclasses=True, name="rms_norm", positionwise=True)
     def rms_norm_per_sample_grads(
         module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
     ) -> Dict[str, PerSampleGrad]:

@@ -26,7 +26,9 @@ def linear_input_rows(module: nn.Module, x: Tensor, max_elements: int) -> Iterat
         yield rows[start : start + step].T.unsqueeze(0)
 
 
-@register_rule(nn.Linear, default=("weight",), subclasses=True, input_rows=linear_input_rows, name="linear")
+@register_rule(
+    nn.Linear, default=("weight",), subclasses=True, input_rows=linear_input_rows, name="linear", positionwise=True
+)
 def linear_per_sample_grads(
     module: nn.Module, inputs: CallInputs, grad_output: Tensor, names: FrozenSet[str]
 ) -> Dict[str, PerSampleGrad]:
