@@ -9,8 +9,10 @@ one-sample *probe* forward checks both assumptions before the real pass:
   functionally, or a tied embedding reused as an output projection, go to the
   fallback;
 * for each call, the batch is dim 0 of every tensor input and output (or, for a rule
-  that declares its batch dims, where it says): with a batch of one, that dim has size 1
-  (a sequence-first ``(T, 1, D)`` activation does not).
+  that declares its batch dims, where it says; for a position-wise rule, the leading dim
+  that has size 1 in every tensor, which the probe records): with a batch of one, that dim
+  has size 1 (a sequence-first ``(T, 1, D)`` activation fed to a layer that is not
+  position-wise does not).
 
 Anything the probe cannot vouch for goes to the generic fallback, which is
 exact for every model.
