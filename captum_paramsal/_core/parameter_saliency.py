@@ -8,12 +8,12 @@ import torch
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode, format_inputs
+from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..data import labelled_batches
 from ..per_sample import unit_saliency
 from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint
-from .parameter_space_attribution import ParameterSpaceAttribution
+from .parameter_space_attribution import ParameterSpaceAttribution, PreparedBatch
 
 
 class ParameterSaliency(ParameterSpaceAttribution):
@@ -156,21 +156,14 @@ class ParameterSaliency(ParameterSpaceAttribution):
             ``(B, F)`` saliency, columns as in :attr:`layout`; a 1-tuple holding
             it when ``inputs`` is a tuple.
         """
-        inputs_tuple, is_tuple = format_inputs(inputs)
-        saliency = self._raw_saliency(inputs_tuple, target, additional_forward_args, internal_batch_size)
+        prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
+        saliency = self._raw_saliency(prepared, internal_batch_size)
         if standardize and self._stats is not None:
             saliency = self._stats.standardize(saliency)
-        return (saliency,) if is_tuple else saliency
+        return (saliency,) if prepared.is_tuple else saliency
 
-    def _raw_saliency(
-        self,
-        inputs_tuple: tuple,
-        target: TargetType,
-        additional_forward_args: Any,
-        internal_batch_size: Optional[int],
-    ) -> Tensor:
-        """``(B, F)`` raw saliency."""
-        prepared = self._prepare(inputs_tuple, target, additional_forward_args, internal_batch_size)
+    def _raw_saliency(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Tensor:
+        """``(B, F)`` raw saliency of a checked batch."""
         with evaluation_mode(self.model):
             rows = [unit_saliency(run) for run in self._passes(prepared, internal_batch_size)]
         return torch.cat(rows) if len(rows) > 1 else rows[0]
@@ -184,8 +177,8 @@ class ParameterSaliency(ParameterSpaceAttribution):
         standardize: bool = True,
     ) -> SaliencyProfile:
         """:meth:`attribute` wrapped in a :class:`SaliencyProfile` (values with their layout)."""
-        inputs_tuple, _ = format_inputs(inputs)
-        values = self._raw_saliency(inputs_tuple, target, additional_forward_args, internal_batch_size)
+        prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
+        values = self._raw_saliency(prepared, internal_batch_size)
         standardized = standardize and self._stats is not None
         if standardized:
             values = self._stats.standardize(values)
@@ -241,7 +234,8 @@ class ParameterSaliency(ParameterSpaceAttribution):
         )
         stats = SaliencyStats.empty(self._selection.identity_layout, self.reduction, self.loss_name)
         for inputs_tuple, labels, keyword in batches:
-            stats.partial_fit(self._raw_saliency(inputs_tuple, labels, keyword or None, internal_batch_size))
+            prepared = self._prepare(inputs_tuple, labels, keyword or None, internal_batch_size, inputs_checked=True)
+            stats.partial_fit(self._raw_saliency(prepared, internal_batch_size))
         if distributed:
             stats = stats.all_reduce()
         if stats.count == 0:

@@ -193,16 +193,18 @@ class ParameterSpaceAttribution(GradientAttribution):
 
     def _prepare(
         self, inputs: TensorOrTupleOfTensors, target: TargetType, additional_forward_args: Any,
-        internal_batch_size: Optional[int],
+        internal_batch_size: Optional[int], inputs_checked: bool = False,
     ) -> PreparedBatch:
         """Captum's conventions, checked: tuple in, one label per sample, inputs on the
-        model's device, a positive ``internal_batch_size``; autograd available."""
+        model's device, a positive ``internal_batch_size``; autograd available.
+        ``inputs_checked``: ``inputs`` is a tuple that ``format_inputs`` already checked (a
+        data loop's batch), so its values are not scanned a second time."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 f"{type(self).__name__} needs autograd, which torch.inference_mode() disables; "
                 "call it outside inference_mode (torch.no_grad() is fine)"
             )
-        inputs_tuple, is_tuple = format_inputs(inputs)
+        inputs_tuple, is_tuple = (inputs, True) if inputs_checked else format_inputs(inputs)
         extra, keyword = split_forward_args(additional_forward_args)
         check_internal_batch_size(internal_batch_size)
         device = self._device()
