@@ -144,33 +144,21 @@ class ParameterSpaceAttribution(GradientAttribution):
         """The default selection holds only layers the registry knows; where a rule still
         does not cover one (a subclass that overrides ``forward``), say so once."""
         slow = [(p.name, why) for p in self._selection.params if (why := p.why_no_rule()) is not None]
-        if slow:
-            shown = "; ".join(f"{name}: {why}" for name, why in slow[:3]) + ("; ..." if len(slow) > 3 else "")
-            warnings.warn(
-                f"{len(slow)} default-selected parameter(s) have no per-layer rule and go to the exact but slower "
-                f"torch.func fallback ({shown}); see .routing(inputs)",
-                UserWarning,
-                stacklevel=outside_stacklevel(),
-            )
+        _warn_slow_path(slow, "have no per-layer rule and go to the exact but slower torch.func fallback")
 
     def _warn_probe_fallback(self, routing: Any) -> None:
         """Default-selected parameters whose layer has a rule but that the probe sent to the
         fallback (a weight read outside its module, a layer fed sequence-first tensors): say so
         once per parameter, so that nothing takes the slow path silently."""
-        if not self._default_selection:
+        if not self._default_selection or not routing.reasons:  # every pass: the usual case costs nothing
             return
-        covered = {p.name for p in self._selection.params if p.has_rule}
-        slow = [(name, why) for name, why in routing.reasons.items() if name in covered and name not in
-                self._warned_routes]
-        if not slow:
+        fresh = {name: why for name, why in routing.reasons.items() if name not in self._warned_routes}
+        if not fresh:
             return
-        self._warned_routes.update(name for name, _ in slow)
-        shown = "; ".join(f"{name}: {why}" for name, why in slow[:3]) + ("; ..." if len(slow) > 3 else "")
-        warnings.warn(
-            f"{len(slow)} default-selected parameter(s) whose layer has a per-layer rule go to the exact but slower "
-            f"torch.func fallback for these inputs ({shown}); see .routing(inputs)",
-            UserWarning,
-            stacklevel=outside_stacklevel(),
+        slow = [(p.name, fresh[p.name]) for p in self._selection.params if p.name in fresh and p.has_rule]
+        self._warned_routes.update(fresh)  # the rule-less ones were said at construction
+        _warn_slow_path(
+            slow, "whose layer has a per-layer rule go to the exact but slower torch.func fallback for these inputs"
         )
 
     @property
@@ -254,6 +242,18 @@ class ParameterSpaceAttribution(GradientAttribution):
 
     def has_convergence_delta(self) -> bool:
         return False
+
+
+def _warn_slow_path(slow: Sequence[Tuple[str, str]], what: str) -> None:
+    """One warning naming the (first few) parameters on the fallback and why; none if none."""
+    if not slow:
+        return
+    shown = "; ".join(f"{name}: {why}" for name, why in slow[:3]) + ("; ..." if len(slow) > 3 else "")
+    warnings.warn(
+        f"{len(slow)} default-selected parameter(s) {what} ({shown}); see .routing(inputs)",
+        UserWarning,
+        stacklevel=outside_stacklevel(),
+    )
 
 
 def _callable_name(fn: Callable) -> str:

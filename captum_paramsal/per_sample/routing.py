@@ -110,19 +110,18 @@ def _call_shapes(rule: Any, module: nn.Module, inputs: CallInputs, output: Any) 
     if not inputs.tensors() or not isinstance(inputs.first, Tensor):
         return None, "its main input is not a tensor"
     dims = None
-    if rule is not None and rule.positionwise and rule.batch_dims is None:
-        batch_first_already = all(
-            t.dim() > 0 and t.shape[0] == 1 for t in (*inputs.tensors(), *output_tensors(output)) if is_tapped(t)
-        ) and all(t.dim() > 0 and t.shape[0] == 1 for t in inputs.tensors())
-        found = None if batch_first_already else positionwise_dim(inputs, output)
-        if found is not None:  # a sequence-first call of a position-wise layer: move its batch
-            dims = positionwise_dims(inputs, output, found)
     try:
-        call = batch_first_call(rule, module, inputs, output, dims)
-        if dims is None and rule is not None and rule.batch_dims is not None:
-            dims = rule.batch_dims(module, inputs, output)
+        if rule is not None and rule.batch_dims is not None:
+            dims = rule.batch_dims(module, inputs, output)  # ValueError: the rule cannot take this call
     except ValueError as error:
         return None, str(error)
+    if rule is not None and rule.positionwise and dims is None:
+        tensors = [*inputs.tensors(), *(t for t in output_tensors(output) if is_tapped(t))]
+        if not all(t.dim() > 0 and t.shape[0] == 1 for t in tensors):
+            found = positionwise_dim(inputs, output)
+            if found is not None:  # a sequence-first call of a position-wise layer: move its batch
+                dims = positionwise_dims(inputs, output, found)
+    call = batch_first_call(rule, module, inputs, output, dims)
     if not call.outputs:
         return None, f"it returns a {type(output).__name__} with no floating tensor"
     where = "dim 0" if rule is None or rule.batch_dims is None else "the dim its rule declares"
