@@ -115,10 +115,10 @@ class GradOutputs:
     spec: Any
 
     @staticmethod
-    def of(output: Any, grads: Sequence[Tensor]) -> GradOutputs:
+    def structure(output: Any) -> Tuple[Tuple[bool, ...], Any]:
+        """``(tapped, spec)`` of ``output``: all :meth:`of` needs later, without its values."""
         leaves, spec = tree_flatten(output)
-        tapped = tuple(isinstance(leaf, Tensor) and is_tapped(leaf) for leaf in leaves)
-        return GradOutputs(tuple(grads), tapped, spec)
+        return tuple(isinstance(leaf, Tensor) and is_tapped(leaf) for leaf in leaves), spec
 
     def structured(self) -> Any:
         """The gradients in the output's structure (a tensor for a tensor output), None where

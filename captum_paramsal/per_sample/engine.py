@@ -19,9 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .call import GradOutputs, LayerCall, call_inputs, is_tapped
+from .call import GradOutputs, LayerCall, call_inputs
 from .fallback import LossFn, fallback_unit_saliency
 from .grads import PerSampleGrad
 from .policy import KernelPolicy
@@ -116,16 +115,6 @@ class _Accumulator:
     unusable: bool = False
 
 
-def _structure_only(output: Any) -> Any:
-    """``output`` with every tapped tensor replaced by a 0-d placeholder of its dtype: enough for
-    :meth:`~.call.GradOutputs.of`, without keeping the output's values alive."""
-    leaves, spec = tree_flatten(output)
-    placeholders = [
-        torch.empty((), dtype=leaf.dtype) if isinstance(leaf, Tensor) and is_tapped(leaf) else None for leaf in leaves
-    ]
-    return tree_unflatten(placeholders, spec)
-
-
 def check_losses(losses: Tensor, batch: int) -> Tensor:
     if not isinstance(losses, Tensor) or losses.shape != (batch,):
         shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
@@ -169,6 +158,9 @@ class _TappedPass:
         for p in params:
             for module, attr in p.owners:
                 self.by_module.setdefault(module, []).append((attr, self.accumulators[p.name]))
+        # per module, the attributes its rule computes and the rule, found once (not per call)
+        self.names = {m: frozenset(attr for attr, _ in here) for m, here in self.by_module.items()}
+        self.rules = {m: find_rule(m, next(iter(names))) for m, names in self.names.items()}
         self.results: Dict[str, Any] = {}
         self.workspace = Workspace()
         self.anchor = new_anchor(run.inputs[0].device)
@@ -225,9 +217,7 @@ class _TappedPass:
         call = self.call_counts.get(module, 0)
         self.call_counts[module] = call + 1
         inputs = call_inputs(args, kwargs)
-        here = self.by_module[module]
-        names = frozenset(attr for attr, _ in here)
-        rule = find_rule(module, next(iter(names)))
+        here, names, rule = self.by_module[module], self.names[module], self.rules[module]
         moved = self._moved(module, call, rule, inputs, output)
         if moved is None:
             for _, acc in here:
@@ -239,7 +229,7 @@ class _TappedPass:
 
         def on_grad(grads: List[Tensor]) -> None:
             kept = saved.pop()
-            grad_outputs = GradOutputs.of(output_structure, moved.grads_batch_first(grads))
+            grad_outputs = GradOutputs(tuple(moved.grads_batch_first(grads)), *structure)
             if self.keep_calls:
                 for attr, acc in here:
                     acc.kept.append(LayerCall(module, attr, rule, kept, grad_outputs, moved.batched_inputs))
@@ -254,8 +244,7 @@ class _TappedPass:
                     self.defer(acc, pair_bytes)
                     pair_bytes = 0  # a weight and a bias share one pair
 
-        # the structure alone (which leaves are tapped tensors), not the output's values
-        output_structure = _structure_only(output)
+        structure = GradOutputs.structure(output)  # not the output's values: they need not stay alive
         return tap_output(output, self.anchor, on_grad)
 
     # -- the pass ---------------------------------------------------------------------
