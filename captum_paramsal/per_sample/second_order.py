@@ -28,21 +28,27 @@ from .selection import SelectedParameter
 from .unit_values import Workspace, pull_back_chunk, reduce_to_units, units_pull_back
 
 
-def _saliency_from_calls(run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], workspace: Workspace):
+def _saliency_from_calls(
+    run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], workspace: Workspace
+) -> Tuple[Tensor, int]:
+    """``(units (B, units), samples per chunk of the pull-back)`` from one run of the rules on
+    detached copies of the calls (a rule that recomputes its layer, attention's or an LSTM's,
+    is not run again just to size the chunks)."""
     with torch.no_grad():
         grads = [call.detached().per_sample_grad() for call in calls]
-        return reduce_to_units(p, grads, run.batch, run.reduction, run.policy, workspace)
+        units = reduce_to_units(p, grads, run.batch, run.reduction, run.policy, workspace)
+    return units, pull_back_chunk(p, grads, run.reduction, run.policy)
 
 
 def _layer_cotangents(
-    run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], weights: Tensor, workspace: Workspace
+    run: SaliencyPass, p: SelectedParameter, calls: List[LayerCall], weights: Tensor, chunk: int,
+    workspace: Workspace,
 ) -> Tuple[List[Tensor], List[Tensor]]:
     """Gradients of ``sum(weights * s_p)`` with respect to each call's tensors, chunk by chunk."""
     batch = weights.shape[0]
     per_call = [call.tensors() for call in calls]
     tensors = [t for ts in per_call for t in ts]
     cotangents = [torch.zeros_like(t) if is_tapped(t) else None for t in tensors]
-    chunk = pull_back_chunk(p, [call.detached().per_sample_grad() for call in calls], run.reduction, run.policy)
     for start in range(0, batch, chunk):
         stop = min(start + chunk, batch)
         # integer ids and boolean masks are sliced but not differentiated
@@ -93,7 +99,8 @@ def _weighted_saliency_input_grads(
     rule_params = [p for p in params if p.name in kept]
 
     # Phase A: the saliency itself, to choose the weights.
-    columns: Dict[str, Tensor] = {p.name: _saliency_from_calls(run, p, kept[p.name], workspace) for p in rule_params}
+    phase_a = {p.name: _saliency_from_calls(run, p, kept[p.name], workspace) for p in rule_params}
+    columns: Dict[str, Tensor] = {name: units for name, (units, _) in phase_a.items()}
     if fallback:
         columns.update(fallback_unit_saliency(run, fallback, target))
     saliency = torch.cat([columns[p.name] for p in params], dim=1)
@@ -104,7 +111,8 @@ def _weighted_saliency_input_grads(
     outputs: List[Tensor] = []
     cotangents: List[Tensor] = []
     for p in rule_params:
-        tensors, cots = _layer_cotangents(run, p, kept[p.name], weight_of[p.name], workspace)
+        chunk = phase_a[p.name][1]
+        tensors, cots = _layer_cotangents(run, p, kept[p.name], weight_of[p.name], chunk, workspace)
         for t, c in zip(tensors, cots):
             if c is not None and t.requires_grad:
                 outputs.append(t)
