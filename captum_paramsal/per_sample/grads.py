@@ -19,6 +19,15 @@ from torch import Tensor
 PullBack = Callable[[int, int, Tensor, Tensor], List[Tuple[Tensor, Tensor]]]
 
 
+def batched_product(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b``, written into the buffer ``out`` where one is given and autograd does not track
+    the factors (``out=`` has no autograd): the materializing step of the low-rank forms."""
+    tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if out is not None and not tracked:
+        return torch.matmul(a, b, out=out.view(*a.shape[:-1], b.shape[-1]))
+    return a @ b
+
+
 class PerSampleGrad:
     """Per-sample gradient of one parameter from one call of a layer.
 
@@ -167,12 +176,7 @@ class LowRankGrad(PerSampleGrad):
         if direct and self._direct_materialize is not None:
             return self._direct_materialize(start, stop)
         left, right = self.factors(start, stop)
-        tracked = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
-        if out is not None and not tracked:  # out= has no autograd
-            dense = torch.matmul(left, right, out=out.view(*left.shape[:-1], right.shape[-1]))
-        else:
-            dense = left @ right
-        return dense.view(stop - start, *self.shape)
+        return batched_product(left, right, out).view(stop - start, *self.shape)
 
     def pull_back(
         self, start: int, stop: int, cotangent: Tensor, row_scale: Tensor, direct: bool = False

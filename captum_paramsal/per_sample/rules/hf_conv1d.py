@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..call import CallInputs
-from ..grads import DenseGrad, LowRankGrad, PerSampleGrad
+from ..grads import DenseGrad, LowRankGrad, PerSampleGrad, batched_product
 from ..registry import register_rule, register_units
 
 try:  # transformers is optional
@@ -44,13 +44,8 @@ class TransposedLowRankGrad(LowRankGrad):
 
     def materialize(self, start: int, stop: int, out: Optional[Tensor] = None, direct: bool = False) -> Tensor:
         left, right = self.factors(start, stop)
-        a, b = right.transpose(-1, -2), left.transpose(-1, -2)  # (n, 1, J, P), (n, 1, P, R)
-        tracked = torch.is_grad_enabled() and (left.requires_grad or right.requires_grad)
-        if out is not None and not tracked:
-            dense = torch.matmul(a, b, out=out.view(*a.shape[:-1], b.shape[-1]))
-        else:
-            dense = a @ b
-        return dense.view(stop - start, *self.shape)
+        # (n, 1, J, P) @ (n, 1, P, R): the transposed product, in the parameter's layout
+        return batched_product(right.transpose(-1, -2), left.transpose(-1, -2), out).view(stop - start, *self.shape)
 
     def pull_back(
         self, start: int, stop: int, cotangent: Tensor, row_scale: Tensor, direct: bool = False
