@@ -12,7 +12,7 @@ declares the batch dims (:data:`BatchDims`) and the engine moves them to 0 for i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -116,7 +116,8 @@ class GradOutputs:
 
     @staticmethod
     def structure(output: Any) -> Tuple[Tuple[bool, ...], Any]:
-        """``(tapped, spec)`` of ``output``: all :meth:`of` needs later, without its values."""
+        """``(tapped, spec)`` of ``output``: what a :class:`GradOutputs` of it needs besides the
+        gradients, without keeping the output's values alive."""
         leaves, spec = tree_flatten(output)
         return tuple(isinstance(leaf, Tensor) and is_tapped(leaf) for leaf in leaves), spec
 
@@ -168,9 +169,6 @@ class LayerCall:
         grad_outputs = self.grad_outputs.with_grads(tensors[len(batched) :])
         return LayerCall(self.module, self.attr, self.rule, inputs, grad_outputs, batched)
 
-    def sliced(self, start: int, stop: int) -> LayerCall:
-        return self.with_tensors([t[start:stop] for t in self.tensors()])
-
     def detached(self) -> LayerCall:
         return self.with_tensors([t.detach() for t in self.tensors()])
 
@@ -181,9 +179,3 @@ class LayerCall:
 
 def call_inputs(args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> CallInputs:
     return CallInputs(tuple(args), dict(kwargs or {}))
-
-
-def iter_tensor_leaves(value: Any) -> Iterator[Tensor]:
-    for leaf in tree_flatten(value)[0]:
-        if isinstance(leaf, Tensor):
-            yield leaf
