@@ -12,6 +12,7 @@ declares the batch dims (:data:`BatchDims`) and the engine moves them to 0 for i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -53,16 +54,18 @@ class CallInputs:
             return self.args[0]
         return next(iter(self.kwargs.values()), None)
 
+    @cached_property
     def _flat(self) -> Tuple[List[Any], Any]:
+        # once per call's inputs: the engine reads them several times per layer call
         return tree_flatten((tuple(self.args), dict(self.kwargs)))
 
     def tensors(self) -> List[Tensor]:
         """Every tensor input, nested ones included (``hx=(h, c)``), in a fixed order."""
-        return [leaf for leaf in self._flat()[0] if isinstance(leaf, Tensor)]
+        return [leaf for leaf in self._flat[0] if isinstance(leaf, Tensor)]
 
     def map_tensors(self, fn: Callable[[int, Tensor], Any]) -> CallInputs:
         """The inputs with tensor number ``i`` (:meth:`tensors` order) replaced by ``fn(i, tensor)``."""
-        leaves, spec = self._flat()
+        leaves, spec = self._flat
         count = 0
         out = []
         for leaf in leaves:
