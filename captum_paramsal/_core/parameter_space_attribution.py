@@ -257,6 +257,11 @@ def _warn_slow_path(slow: Sequence[Tuple[str, str]], what: str) -> None:
 
 
 def _callable_name(fn: Callable) -> str:
+    """What statistics record the loss as: a loss object's own ``loss_name`` (the loss families of
+    :mod:`captum_paramsal.losses` name their options there), else the callable's dotted name."""
+    named = getattr(fn, "loss_name", None)
+    if isinstance(named, str) and named:
+        return named
     module = getattr(fn, "__module__", None) or ""
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{module}.{name}" if module else name

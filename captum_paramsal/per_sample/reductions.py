@@ -69,6 +69,29 @@ class Reduction:
         a buffer the caller owns (it may be overwritten and returned as ``direction``)."""
         return None
 
+    def pooled(self, values: Tensor) -> Tensor:
+        """A unit's value as the mean over its entries of an additive quantity: ``mean |g|``
+        and ``mean g`` are their own; ``rms`` is the square root of ``mean g^2``."""
+        return values
+
+    def unpooled(self, pooled: Tensor) -> Tensor:
+        """The inverse of :meth:`pooled`."""
+        return pooled
+
+    def combine(self, values: Tensor, entries: Tensor, unit_of: Tensor, num_units: int) -> Tensor:
+        """``(n, S) -> (n, U)``: the value of units made of several *slices* (a head: rows of q, k
+        and v and columns of the output projection) from each slice's value.
+
+        ``entries (S,)`` is each slice's number of entries and ``unit_of (S,)`` the unit it
+        belongs to. The reduction of a union of entries is the entry-weighted mean of the
+        slices' :meth:`pooled` values, unpooled: exact, and differentiable (the input
+        saliency carries its weights back through it)."""
+        weights = entries.to(values.dtype)
+        pooled = torch.zeros(values.shape[0], num_units, dtype=values.dtype, device=values.device)
+        pooled.index_add_(1, unit_of, self.pooled(values) * weights)
+        totals = torch.zeros(num_units, dtype=values.dtype, device=values.device).index_add_(0, unit_of, weights)
+        return self.unpooled(pooled / totals)
+
     def __repr__(self) -> str:
         return f"<reduction {self.name!r}>"
 
@@ -153,6 +176,14 @@ class RootMeanSquare(Reduction):
         positive = units > 0
         scale = torch.where(positive, 1.0 / (grouped.shape[-1] * torch.where(positive, units, 1.0)), 0.0)
         return grouped, scale
+
+    def pooled(self, values: Tensor) -> Tensor:
+        return values.square()
+
+    def unpooled(self, pooled: Tensor) -> Tensor:
+        # sqrt with a zero (not infinite) derivative at 0: a unit whose gradient is all zero
+        positive = pooled > 0
+        return torch.where(positive, torch.where(positive, pooled, 1.0).sqrt(), 0.0)
 
 
 #: every reduction by name
