@@ -30,7 +30,7 @@ STD_FLOOR = 1e-12
 def layout_fingerprint(layout: SaliencyLayout, reduction: str, loss: str) -> str:
     """A short hash of what a profile's columns mean: names, shapes, units, reduction, loss."""
     description = {
-        "params": [[e.name, list(e.shape), e.num_units] for e in layout],
+        "params": layout.description(),
         "reduction": reduction,
         "loss": loss,
     }
@@ -200,7 +200,7 @@ class SaliencyStats:
             "fingerprint": self.fingerprint,
             "reduction": self.reduction,
             "loss": self.loss,
-            "layout": json.dumps([[e.name, list(e.shape), e.num_units] for e in self.layout]),
+            "layout": json.dumps(self.layout.description()),
         }
         atomic_write(path, save_bytes(tensors, metadata=metadata))
 
@@ -228,10 +228,10 @@ class SaliencyStats:
                 f"this version of captum-paramsal reads {FORMAT_VERSION!r}"
             )
         try:
-            layout = SaliencyLayout([(n, tuple(s), u) for n, s, u in json.loads(metadata["layout"])])
+            layout = SaliencyLayout(json.loads(metadata["layout"]))
             mean, m2, count = tensors["mean"], tensors["m2"], int(tensors["count"])
             stats = cls(layout, metadata["reduction"], metadata["loss"], _Moments(count, mean, m2))
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"{path} has incomplete or inconsistent statistics: {error!r}") from None
         if stats.fingerprint != metadata["fingerprint"]:
             raise ValueError(f"{path}: the stored fingerprint does not match its stored layout (edited file?)")

@@ -13,6 +13,7 @@ from ..data import labelled_batches
 from ..per_sample import unit_saliency
 from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint
+from ..unit_schemes import UnitsSpec
 from .parameter_space_attribution import ParameterSpaceAttribution, PreparedBatch
 
 
@@ -70,6 +71,12 @@ class ParameterSaliency(ParameterSpaceAttribution):
             on. Default: the output itself, the ``logits`` of a Hugging Face ``ModelOutput``,
             or a tuple's first element. For a causal language model's next token, for
             example, ``output_fn=lambda out: out.logits[:, -1]``.
+        units: what one column is (:mod:`captum_paramsal.unit_schemes`): ``"rows"`` (default:
+            each parameter's output rows: conv filters, Linear neurons), ``"heads"`` (an
+            attention head: its q, k, v rows and the output projection's columns that read
+            it), ``"neurons"`` (an MLP neuron: its up/gate rows and its down projection's
+            column), several (``("heads", "neurons")``), or ``{module name prefix: scheme}``.
+            Selected parameters outside every head or neuron stay rows.
 
     Attributes:
         layout (SaliencyLayout): the columns of the result: one entry per
@@ -94,6 +101,9 @@ class ParameterSaliency(ParameterSpaceAttribution):
         >>> z = ps.attribute(images, target=labels)          # z-scores per unit
         >>> ps.profile(images, target=labels).plot(0)        # the paper's figure
         >>> print(ps.routing(images))                        # which layers take the fast path
+        >>> # a language model by attention heads and MLP neurons
+        >>> ps = ParameterSaliency(gpt2, units=("heads", "neurons"), loss_fn=CausalLMLoss())
+        >>> ps.profile(ids, target=ids).top_k(3)[0]         # UnitScore('transformer.h.5.attn', 7, ...)
     """
 
     def __init__(
@@ -106,11 +116,14 @@ class ParameterSaliency(ParameterSpaceAttribution):
         stats: Optional[SaliencyStats] = None,
         compile_kernels: bool = False,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
+        units: UnitsSpec = "rows",
     ) -> None:
-        super().__init__(model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn=output_fn)
+        super().__init__(
+            model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn=output_fn, units=units
+        )
         # statistics are keyed by the parameters' identity: their names without what wraps the
         # model, so that statistics of a bare model standardize it inside DataParallel and back
-        self.fingerprint = layout_fingerprint(self._selection.identity_layout, self.reduction, self.loss_name)
+        self.fingerprint = layout_fingerprint(self._identity_layout, self.reduction, self.loss_name)
         self.stats = stats
 
     @property
@@ -166,7 +179,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         """``(B, F)`` raw saliency of a checked batch."""
         with evaluation_mode(self.model):
             rows = [unit_saliency(run) for run in self._passes(prepared, internal_batch_size)]
-        return torch.cat(rows) if len(rows) > 1 else rows[0]
+        return self._columns(torch.cat(rows) if len(rows) > 1 else rows[0])
 
     def profile(
         self,
@@ -232,7 +245,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
             class_labels=self._default_loss,
             keyword_inputs=True,
         )
-        stats = SaliencyStats.empty(self._selection.identity_layout, self.reduction, self.loss_name)
+        stats = SaliencyStats.empty(self._identity_layout, self.reduction, self.loss_name)
         for inputs_tuple, labels, keyword in batches:
             prepared = self._prepare(inputs_tuple, labels, keyword or None, internal_batch_size, inputs_checked=True)
             stats.partial_fit(self._raw_saliency(prepared, internal_batch_size))

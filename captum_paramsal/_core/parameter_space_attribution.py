@@ -47,6 +47,7 @@ from ..per_sample.batching import slice_batch, slice_kwargs
 from ..per_sample.compiled import CompiledKernels
 from ..per_sample.engine import model_output_tensor
 from ..per_sample.reductions import Reduction
+from ..unit_schemes import UnitPlan, UnitsSpec, plan_units
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -84,6 +85,9 @@ class ParameterSpaceAttribution(GradientAttribution):
         share: another method of the same model whose selection, loss, reduction, routing
             cache and kernels this one uses (the other arguments must then be left at
             their defaults).
+        units: what a column is (:mod:`captum_paramsal.unit_schemes`): ``"rows"`` (each
+            parameter's output rows), ``"heads"``, ``"neurons"``, several, or
+            ``{module name prefix: scheme}``.
     """
 
     def __init__(
@@ -96,10 +100,13 @@ class ParameterSpaceAttribution(GradientAttribution):
         compile_kernels: bool = False,
         share: Optional[ParameterSpaceAttribution] = None,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
+        units: UnitsSpec = "rows",
     ) -> None:
         GradientAttribution.__init__(self, model)
         self.model = model
         if share is not None:
+            if not (isinstance(units, str) and units == "rows"):
+                raise ValueError("with share=, units come from the shared method; leave units out")
             self._share(share, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn)
             return
         if output_fn is not None and not callable(output_fn):
@@ -107,6 +114,13 @@ class ParameterSpaceAttribution(GradientAttribution):
         self.output_fn: Callable[[Any], Tensor] = output_fn or model_output_tensor
         self._reduction: Reduction = get_reduction(reduction)
         self._selection = select_parameters(model, params)
+        # the unit scheme: which axis the engine slices each parameter along, and how the
+        # slices' values make the columns (heads, neurons); rows: the slices are the columns
+        self._plan: UnitPlan = plan_units(
+            model, [(p.name, tuple(p.param.shape), p.num_units) for p in self._selection.params], units
+        )
+        if self._plan.axes:
+            self._selection = select_parameters(model, params, axes=self._plan.axes)
         # the one-sample probe of the model, once per input signature (re-validated every pass)
         self._routing_cache = RoutingCache()
         self._default_loss = loss_fn is None
@@ -135,7 +149,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         clashing = [name for name, value in given.items() if value not in (None, False)]
         if clashing:
             raise ValueError(f"with share=, {', '.join(clashing)} come from the shared method; leave them out")
-        for attr in ("_reduction", "_selection", "_routing_cache", "_default_loss", "loss_fn", "loss_name",
+        for attr in ("_reduction", "_selection", "_plan", "_routing_cache", "_default_loss", "loss_fn", "loss_name",
                      "fallback_chunk_size", "compile_kernels", "_kernels", "output_fn", "_warned_routes",
                      "_default_selection"):
             setattr(self, attr, getattr(other, attr))
@@ -163,8 +177,22 @@ class ParameterSpaceAttribution(GradientAttribution):
 
     @property
     def layout(self) -> SaliencyLayout:
-        """The columns of a profile: one entry per selected parameter, in model order."""
-        return self._selection.layout
+        """The columns of a profile, in model order: one entry per selected parameter (its
+        rows), or per head / neuron group under a unit scheme."""
+        return self._plan.layout
+
+    @property
+    def _identity_layout(self) -> SaliencyLayout:
+        """:attr:`layout` with what wraps the model taken off its names: what statistics are
+        keyed by, so that they do not depend on how the model is wrapped."""
+        prefix = self._selection.wrapper_prefix
+        if not prefix:
+            return self.layout
+        return self.layout.renamed(lambda name: name[len(prefix):] if name.startswith(prefix) else name)
+
+    def _columns(self, slices: Tensor) -> Tensor:
+        """The engine's per-slice values ``(B, S)`` as the layout's columns ``(B, F)``."""
+        return self._plan.combine(slices, self._reduction)
 
     @property
     def reduction(self) -> str:

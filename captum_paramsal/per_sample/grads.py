@@ -172,6 +172,18 @@ class LowRankGrad(PerSampleGrad):
     def factors(self, start: int, stop: int) -> Tuple[Tensor, Tensor]:
         return self.left[start:stop], self.right(start, stop)
 
+    def transposed(self) -> Optional[LowRankGrad]:
+        """The same gradient with the roles of rows and entries swapped, ``g^T = right^T left^T``:
+        a form whose rows are the ``J`` entries (a Linear's input features), so that the
+        reductions' closed forms give units along the other axis of a 2-D weight. Its
+        :meth:`materialize` writes ``(n, J, R)``. None with several groups."""
+        if self.left.shape[1] != 1:
+            return None
+        left = self.left
+        rows, entries = left.shape[2], self.factor_shape[3]
+        right = self.right(0, self.batch).transpose(-1, -2)  # (B, 1, J, P): cheap views for a Linear
+        return LowRankGrad(right, lambda start, stop: left[start:stop].transpose(-1, -2), (entries, rows))
+
     def materialize(self, start: int, stop: int, out: Optional[Tensor] = None, direct: bool = False) -> Tensor:
         if direct and self._direct_materialize is not None:
             return self._direct_materialize(start, stop)

@@ -274,6 +274,38 @@ def default_grouping(per_sample_grad: Tensor, module: Optional[nn.Module] = None
     return per_sample_grad.reshape(batch, per_sample_grad.shape[1], -1)
 
 
+def column_grouping(per_sample_grad: Tensor, module: Optional[nn.Module] = None) -> Tensor:
+    """Units along index 1 of a 2-D parameter: ``(B, rows, columns) -> (B, columns, rows)``
+    (a Linear weight's input features; a unit scheme's head reads columns of the output
+    projection)."""
+    return per_sample_grad.transpose(1, 2)
+
+
+def grouping_axis(grouping: Callable) -> Optional[int]:
+    """The axis of a 2-D parameter that ``grouping`` makes the units: 0, 1, or None (another
+    grouping). A layer storing its weight transposed marks its grouping with ``storage_axis``."""
+    if grouping is default_grouping:
+        return 0
+    if grouping is column_grouping:
+        return 1
+    return getattr(grouping, "storage_axis", None)
+
+
+def axis_grouping(module: Optional[nn.Module], param: str, shape: torch.Size, axis: int) -> Tuple[UnitGrouping, int]:
+    """``(grouping, num_units)`` with the units along storage ``axis`` of a 2-D parameter: the
+    registered grouping where it already is that axis, else rows (0) or columns (1).
+
+    Raises:
+        ValueError: ``axis`` is not 0 or 1, or the parameter is not 2-D.
+    """
+    if axis not in (0, 1) or len(shape) != 2:
+        raise ValueError(f"units along axis {axis} need a 2-D parameter and axis 0 or 1, got shape {tuple(shape)}")
+    registered, num_units = unit_grouping(module, param, shape)
+    if grouping_axis(registered) == axis:
+        return registered, num_units
+    return (default_grouping if axis == 0 else column_grouping), shape[axis]
+
+
 def unit_grouping(module: Optional[nn.Module], param: str, shape: torch.Size) -> Tuple[UnitGrouping, int]:
     """``(grouping, num_units)`` for ``param`` of ``module`` (module None: a bare parameter)."""
     if module is not None:

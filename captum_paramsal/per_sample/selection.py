@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..layout import SaliencyLayout
-from .registry import UnitGrouping, default_params, explain_rule, registered_rules, rule_for_module, unit_grouping
+from .registry import (
+    UnitGrouping,
+    axis_grouping,
+    default_params,
+    explain_rule,
+    registered_rules,
+    rule_for_module,
+    unit_grouping,
+)
 
 
 @dataclass(frozen=True)
@@ -100,12 +108,18 @@ def _owners(model: nn.Module) -> Dict[int, List[Tuple[nn.Module, str]]]:
     return owners
 
 
-def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) -> Selection:
+def select_parameters(
+    model: nn.Module, params: Optional[Sequence[str]] = None, axes: Optional[Mapping[str, int]] = None
+) -> Selection:
     """Resolve ``params`` (names, or None for the default selection) into a :class:`Selection`.
 
     The default selection is the registry's: each registered rule's ``default`` parameters
     (the weight of every convolution, transposed convolution and Linear layer, their
     subclasses included), in ``model.named_parameters()`` order.
+
+    ``axes``: ``{parameter name: storage axis}`` for 2-D parameters whose units are to be
+    taken along that axis (0: rows, 1: columns) instead of the registry's (a unit scheme
+    reads a head from the output projection's columns); the others keep the registry's.
 
     Raises:
         ValueError: a name the model does not have, a name given twice, or
@@ -154,7 +168,10 @@ def select_parameters(model: nn.Module, params: Optional[Sequence[str]] = None) 
         param_owners = tuple(owners.get(id(param), ()))
         module = param_owners[0][0] if param_owners else None
         attr = param_owners[0][1] if param_owners else name.rsplit(".", 1)[-1]
-        grouping, num_units = unit_grouping(module, attr, param.shape)
+        if axes is not None and name in axes:
+            grouping, num_units = axis_grouping(module, attr, param.shape, axes[name])
+        else:
+            grouping, num_units = unit_grouping(module, attr, param.shape)
         selected.append(SelectedParameter(name, param, param_owners, grouping, module, num_units))
     layout = SaliencyLayout([(p.name, tuple(p.param.shape), p.num_units) for p in selected])
     return Selection(layout, tuple(selected), wrapper_prefix(model))

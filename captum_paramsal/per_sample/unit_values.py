@@ -15,15 +15,16 @@ rules' own pull-backs rather than autograd over ``n x numel`` values.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .grads import PerSampleGrad
+from .grads import LowRankGrad, PerSampleGrad
 from .policy import KernelPolicy
 from .reductions import Reduction
-from .registry import default_grouping
+from .registry import default_grouping, grouping_axis
 from .selection import SelectedParameter
 
 
@@ -45,6 +46,29 @@ class Workspace:
         return buffer[:values]
 
 
+def oriented(p: SelectedParameter, grads: List[PerSampleGrad]) -> Tuple[SelectedParameter, List[PerSampleGrad]]:
+    """``(p, grads)`` with low-rank gradients turned so that their rows are ``p``'s units.
+
+    A unit scheme may take a 2-D weight's units along the axis its rule's factors do not
+    have as rows (a head reads columns of the output projection). Such gradients are
+    transposed (:meth:`~.grads.LowRankGrad.transposed`: no values are built), and ``p`` gets
+    the grouping of the transposed layout, so that closed forms, compiled kernels and the
+    dense path all see rows as units. Anything else is returned as it is."""
+    axis = grouping_axis(p.grouping)
+    if axis is None or p.param.dim() != 2 or not grads or any(not isinstance(g, LowRankGrad) for g in grads):
+        return p, grads
+    if all(g.rows_are_units(p.grouping) for g in grads):
+        return p, grads
+    turned = []
+    for g in grads:
+        row_axis = grouping_axis(g.row_grouping or default_grouping)
+        flipped = g.transposed() if row_axis is not None and row_axis != axis else None
+        if flipped is None:
+            return p, grads
+        turned.append(flipped)
+    return dataclasses.replace(p, grouping=default_grouping), turned
+
+
 def closed_form_applies(p: SelectedParameter, grads: List[PerSampleGrad], reduction: Reduction) -> bool:
     """Whether :meth:`~.reductions.Reduction.low_rank` gives the units: units along index 0,
     one call (or any number, for an additive reduction), low-rank factors of a rank the
@@ -64,6 +88,7 @@ def samples_per_chunk(
     p: SelectedParameter, grads: List[PerSampleGrad], reduction: Reduction, policy: KernelPolicy
 ) -> int:
     """How many samples a chunk may hold: all when a closed form applies, else a workspace's worth."""
+    p, grads = oriented(p, grads)
     if closed_form_applies(p, grads, reduction):
         return grads[0].batch
     return policy.samples_per_chunk(p.param.numel())
@@ -116,6 +141,7 @@ def reduce_to_units(
     workspace: Workspace,
 ) -> Tensor:
     """``(B, units)`` of the sum of ``grads`` over calls (see the module docstring)."""
+    p, grads = oriented(p, grads)
     if not grads:  # no call's output reached the loss: the gradient is zero
         return torch.zeros(batch, p.num_units, dtype=p.param.dtype, device=p.param.device)
     if closed_form_applies(p, grads, reduction):
@@ -146,6 +172,7 @@ def pull_back_chunk(
     """Samples per chunk of the second-order pass: :func:`samples_per_chunk`, halved where
     the compiled pull-back runs (it writes the signs once and reads them twice: half a
     workspace of them stays in cache; a whole one was slower on a 32 MiB L3)."""
+    p, grads = oriented(p, grads)
     chunk = samples_per_chunk(p, grads, reduction, policy)
     if _compiles(p, grads, reduction.compiled_pull_back, policy) and not closed_form_applies(p, grads, reduction):
         chunk = max(1, chunk // 2)
@@ -172,6 +199,7 @@ def units_pull_back(
     handed to each call's rule. Where the policy compiles, the reduction's compiled
     pull-back does all of it from the factors.
     """
+    p, grads = oriented(p, grads)
     if not reduction.pulls_back or p.grouping is not default_grouping or closed_form_applies(p, grads, reduction):
         return None
     if len(grads) == 1 and type(grads[0]).units_by is not PerSampleGrad.units_by:

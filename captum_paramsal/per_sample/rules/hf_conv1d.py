@@ -33,6 +33,9 @@ def output_feature_units(per_sample_grad: Tensor, module: Optional[nn.Module] = 
     return per_sample_grad.transpose(1, 2)
 
 
+output_feature_units.storage_axis = 1  # the units are the weight's columns (registry.grouping_axis)
+
+
 class TransposedLowRankGrad(LowRankGrad):
     """A :class:`~..grads.LowRankGrad` of a weight stored transposed, ``(J, R)`` = ``(nx, nf)``.
 
