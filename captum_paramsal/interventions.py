@@ -7,7 +7,10 @@ in the library (:mod:`captum_paramsal.units`): ``(parameter name, unit index)`` 
 ``UnitScore`` rows of ``profile.top_k()``, or columns of a
 :class:`~captum_paramsal.layout.SaliencyLayout` (the default selection's layout unless
 ``layout=`` is given). A unit is what the saliency calls one: a conv filter, a Linear row, a
-ConvTranspose output channel, index 0 of anything else.
+ConvTranspose output channel, index 0 of anything else; under a unit scheme
+(:mod:`captum_paramsal.unit_schemes`) also an attention head (its q, k, v rows and the output
+projection's columns that read it) or an MLP neuron (its up/gate rows and down column), named
+``("transformer.h.3.attn", 7)`` or by a column of ``ps.layout``.
 
 All three run on :func:`swapped_parameters`, the library's one way to show a model other
 weights for a while (the fine-tuning test and SPADE use it too): each edited parameter's
@@ -37,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from .layout import SaliencyLayout
-from .per_sample.selection import SelectedParameter, select_parameters
-from .units import Unit, Units, resolve_units
+from .per_sample.selection import SelectedParameter
+from .units import Unit, Units, resolve_entries, resolve_units
 
 __all__ = [
     "NOISES",
@@ -47,6 +50,7 @@ __all__ = [
     "boost",
     "edited_values",
     "perturb",
+    "resolve_entries",
     "resolve_units",
     "swapped_parameters",
     "turn_off",
@@ -172,18 +176,6 @@ def unit_entries(p: SelectedParameter) -> Tensor:
     return p.grouping(flat, p.grouping_module)[0]
 
 
-def _bias_of(p: SelectedParameter, names: Mapping[int, str]) -> Optional[Tuple[str, nn.Parameter]]:
-    """``(name, bias)`` of the bias parameter whose entry ``u`` belongs to unit ``u`` of a weight,
-    if the owner has one."""
-    module = p.grouping_module
-    if module is None or not p.name.endswith("weight"):
-        return None
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, nn.Parameter) and id(bias) in names and bias.dim() == 1 and bias.shape[0] == p.num_units:
-        return names[id(bias)], bias
-    return None
-
-
 def edited_values(
     model: nn.Module,
     units: Units,
@@ -194,10 +186,13 @@ def edited_values(
     """``{parameter name: new value}`` with ``edit`` applied to every chosen unit; the model is
     only read.
 
-    ``edit`` gets the values of one parameter's chosen units as ``(units, entries per unit)``
-    and returns new values of that shape; with ``bias=True`` it is also called on the owners'
-    bias entries of those units, ``(units, 1)``. Parameters in model order. The result is what
-    :func:`turn_off`, :func:`boost` and :func:`perturb` hand to :func:`swapped_parameters`.
+    ``edit`` gets the values of the chosen units in one parameter as ``(units, entries of each
+    there)`` and returns new values of that shape: a row unit's whole row; a head's or a
+    neuron's part of each parameter it spans, one parameter at a time. With ``bias=True`` it
+    is also called on the bias entries of those units (a row's entry; a head's q, k and v
+    entries, not the output projection's bias, which no head owns). Parameters in model
+    order. The result is what :func:`turn_off`, :func:`boost` and :func:`perturb` hand to
+    :func:`swapped_parameters`.
 
     Examples::
 
@@ -207,27 +202,24 @@ def edited_values(
         >>> with swapped_parameters(model, values):
         ...     out = model(images)          # the same as inside turn_off(model, ..., bias=True)
     """
-    wanted = resolve_units(model, units, layout)
-    if not wanted:
+    blocks = resolve_entries(model, units, layout, bias=bias)
+    if not blocks:
         return {}
-    names = {id(param): name for name, param in model.named_parameters()}
+    params = dict(model.named_parameters())
+    targets = [(name, entries) for name, entries_list in blocks.items() for entries in entries_list]
     new: Dict[str, Tensor] = {}
     with torch.no_grad():
-        for p in select_parameters(model, list(wanted)).params:
-            targets = [(p.name, p.param, unit_entries(p)[wanted[p.name]])]  # (chosen units, entries)
-            owner_bias = _bias_of(p, names) if bias else None
-            if owner_bias is not None:
-                bias_name, bias_param = owner_bias
-                targets.append((bias_name, bias_param, torch.tensor(wanted[p.name], device=bias_param.device)[:, None]))
-            for name, tensor, index in targets:
-                # a parameter named twice (a bias that is itself a chosen unit) gets both edits
-                values = new.get(name)
-                if values is None:
-                    values = torch.clone(tensor.detach(), memory_format=torch.contiguous_format)
-                flat = values.view(-1)
-                flat[index] = edit(flat[index])
-                new[name] = values
-    return new
+        for name, index in targets:
+            # a parameter named twice (a bias that is itself a chosen unit) gets both edits
+            values = new.get(name)
+            if values is None:
+                values = torch.clone(params[name].detach(), memory_format=torch.contiguous_format)
+            flat = values.view(-1)
+            index = index.to(flat.device)
+            flat[index] = edit(flat[index])
+            new[name] = values
+    order = {n: i for i, n in enumerate(params)}
+    return {name: new[name] for name in sorted(new, key=order.__getitem__)}
 
 
 @contextlib.contextmanager

@@ -12,7 +12,9 @@ library takes units (the interventions
   ``bool``), the column of a ``(B, F)`` profile, e.g. ``int(sal[0].argmax())``. A column only
   means something together with the :class:`~captum_paramsal.layout.SaliencyLayout` it indexes;
 * a **(parameter name, unit index)** pair, a tuple or a list, e.g. ``("layer4.1.conv2.weight", 97)``;
-  the name as in ``model.named_parameters()``;
+  the name as in ``model.named_parameters()``; or, for a head or a neuron
+  (:mod:`captum_paramsal.unit_schemes`), the **(module name, head or neuron index)** pair,
+  e.g. ``("transformer.h.3.attn", 7)``, as layouts under ``units="heads"`` name them;
 * a :class:`~captum_paramsal.saliency_profile.UnitScore`, what ``profile.top_k()`` returns; it is
   read as its ``(param, unit)`` pair (its ``column`` is the column in the profile it came from,
   which need not be the layout it is resolved against, so it is not used).
@@ -102,7 +104,8 @@ def resolve_columns(units: Units, layout: SaliencyLayout) -> List[int]:
 def resolve_units(
     model: nn.Module, units: Units, layout: Optional[SaliencyLayout] = None
 ) -> Dict[str, List[int]]:
-    r"""``{parameter name: [unit indices]}`` of ``units`` in ``model``.
+    r"""``{parameter name: [unit indices]}`` of ``units`` in ``model``, for units that are one
+    parameter's rows (a head or a neuron spans parameters: :func:`resolve_entries` takes those).
 
     Columns are read in ``layout``; without one, in the layout of the model's default selection
     (what ``ParameterSaliency(model).layout`` is: every Conv, ConvTranspose and Linear weight),
@@ -128,7 +131,8 @@ def resolve_units(
     Raises:
         TypeError: a unit in none of the forms, or ``layout`` that is not a ``SaliencyLayout``.
         ValueError: a column out of range of the layout, a parameter the model does not have,
-            or a unit index out of range for its parameter; the message names the unit.
+            a unit index out of range for its parameter, or a head / neuron (the message
+            names the unit).
 
     Examples::
 
@@ -139,6 +143,80 @@ def resolve_units(
         {'layer4.1.conv2.weight': [97]}
         >>> resolve_units(model, ps.profile(images).top_k(5)[0])
     """
+    rows, groups = _resolve(model, units, layout)
+    if groups:
+        group, index, unit = groups[0]
+        raise ValueError(
+            f"unit {_show(unit)} is {group.kind[:-1].replace('_', ' ')} {index} of {group.name}, which spans "
+            "parameters; resolve_entries (and turn_off, boost, perturb) take such units"
+        )
+    return rows
+
+
+def resolve_entries(
+    model: nn.Module, units: Units, layout: Optional[SaliencyLayout] = None, bias: bool = False
+) -> Dict[str, List[Tensor]]:
+    r"""``{parameter name: [flat entry indices (k, m)]}``: where ``units`` lie in ``model``'s
+    parameters, for every kind of unit (rows, heads, neurons).
+
+    Each block holds ``k`` chosen units of one kind in one parameter, one row of ``m`` flat
+    (row-major) indices each: a row unit's entries as the saliency groups them (so a
+    transposed convolution's output channels come out right); a head's or a neuron's part
+    of that parameter (GPT-2's head ``h`` in ``c_attn.weight``: its q, k and v columns
+    together). Units are read as in :func:`resolve_units`, plus heads and neurons: layout
+    columns or ``(name, index)`` pairs whose name is a group of ``layout`` or, without one,
+    a group the unit schemes find in the model (``("transformer.h.3.attn", 7)``).
+
+    With ``bias=True`` the blocks also hold the units' entries of their layers' biases: a
+    row's bias entry; a head's or neuron's entries of the biases of the parts that lie along
+    their layer's output axis (q, k and v, the up projection), not of those along the input
+    axis (the output projection's bias belongs to no head).
+
+    Examples::
+
+        >>> from captum_paramsal.units import resolve_entries
+        >>> blocks = resolve_entries(gpt2, [("transformer.h.0.attn", 1)])
+        >>> {name: [b.shape for b in bs] for name, bs in blocks.items()}
+        {'transformer.h.0.attn.c_attn.weight': [(1, 384)], 'transformer.h.0.attn.c_proj.weight': [(1, 128)]}
+    """
+    from .interventions import unit_entries
+    from .per_sample.selection import select_parameters
+    from .unit_schemes import group_part_indices
+
+    rows, groups = _resolve(model, units, layout)
+    blocks: Dict[str, List[Tensor]] = {}
+    params = dict(model.named_parameters())
+    names = {id(param): name for name, param in params.items()}
+    if rows:
+        for p in select_parameters(model, list(rows)).params:
+            blocks.setdefault(p.name, []).append(unit_entries(p)[rows[p.name]])
+            owner_bias = _row_bias(p, names) if bias else None
+            if owner_bias is not None:
+                index = torch.tensor(rows[p.name], device=params[owner_bias].device)[:, None]
+                blocks.setdefault(owner_bias, []).append(index)
+    by_group: Dict[str, Tuple[Any, List[int]]] = {}
+    for group, index, _ in groups:
+        chosen = by_group.setdefault(group.name, (group, []))[1]
+        if index not in chosen:
+            chosen.append(index)
+    for group, chosen in by_group.values():
+        chosen.sort()
+        per_param: Dict[str, List[Tensor]] = {}
+        for part in group.parts:
+            device = params[part.param].device if part.param in params else None
+            per_param.setdefault(part.param, []).append(group_part_indices(part, chosen, device))
+            part_bias = _part_bias(model, part) if bias else None
+            if part_bias is not None:
+                index = torch.tensor([list(part.indices(u)) for u in chosen], device=device)
+                per_param.setdefault(part_bias, []).append(index)
+        for name, pieces in per_param.items():
+            blocks.setdefault(name, []).append(torch.cat(pieces, dim=1))
+    order = {name: i for i, name in enumerate(params)}
+    return {name: blocks[name] for name in sorted(blocks, key=lambda n: order.get(n, len(order)))}
+
+
+def _resolve(model: nn.Module, units: Units, layout: Optional[SaliencyLayout]):
+    """``(rows {param: sorted indices}, groups [(group, index, unit as given)])`` of ``units``."""
     from .per_sample.selection import select_parameters
 
     if not isinstance(model, nn.Module):
@@ -148,11 +226,17 @@ def resolve_units(
     aliases = dict(model.named_parameters(remove_duplicate=False))
     canonical = {id(param): name for name, param in model.named_parameters()}
     wanted: Dict[str, List[Tuple[int, Any]]] = {}  # canonical name -> [(index, the unit as given)]
+    groups: List[Tuple[Any, int, Any]] = []
+    model_groups: Optional[Dict[str, Any]] = None
     for unit in iter_units(units):
         if _is_column(unit):
             if layout is None:
                 layout = select_parameters(model).layout
             name, index = layout.unit_of(_column_of(unit, layout))
+            entry = layout[name]
+            if entry.is_group:
+                groups.append((entry, index, unit))
+                continue
             if name not in aliases:
                 raise ValueError(
                     f"unit column {_as_int(unit)} is {(name, index)!r} in the layout, but the model has no "
@@ -160,21 +244,73 @@ def resolve_units(
                 )
         else:
             name, index = _pair_of(unit)
-            if name not in aliases:
-                raise ValueError(f"unit {_show(unit)}: the model has no parameter named {name!r}{_hint(name, aliases)}")
+            group = None
+            if layout is not None and name in layout and layout[name].is_group:
+                group = layout[name]
+            elif name not in aliases:
+                if model_groups is None:
+                    model_groups = _model_groups(model)
+                group = model_groups.get(name)
+                if group is None:
+                    known = list(aliases) + list(model_groups)
+                    raise ValueError(
+                        f"unit {_show(unit)}: the model has no parameter named {name!r}{_hint(name, known)} "
+                        "(nor an attention block or MLP of that name)"
+                    )
+            if group is not None:
+                if not 0 <= index < group.num_units:
+                    raise ValueError(
+                        f"unit {_show(unit)} is out of range: {name} has {group.num_units} {group.kind} "
+                        f"(indices 0..{group.num_units - 1})"
+                    )
+                groups.append((group, index, unit))
+                continue
         wanted.setdefault(canonical[id(aliases[name])], []).append((index, unit))
-    if not wanted:
-        return {}
     resolved: Dict[str, List[int]] = {}
-    for p in select_parameters(model, list(wanted)).params:
-        for index, unit in wanted[p.name]:
-            if not 0 <= index < p.num_units:
-                raise ValueError(
-                    f"unit {index} of {p.name} is out of range: it has {p.num_units} units "
-                    f"(indices 0..{p.num_units - 1}; given as {_show(unit)})"
-                )
-        resolved[p.name] = sorted({index for index, _ in wanted[p.name]})
-    return resolved
+    if wanted:
+        for p in select_parameters(model, list(wanted)).params:
+            for index, unit in wanted[p.name]:
+                if not 0 <= index < p.num_units:
+                    raise ValueError(
+                        f"unit {index} of {p.name} is out of range: it has {p.num_units} units "
+                        f"(indices 0..{p.num_units - 1}; given as {_show(unit)})"
+                    )
+            resolved[p.name] = sorted({index for index, _ in wanted[p.name]})
+    return resolved, groups
+
+
+def _row_bias(p: Any, names: Dict[int, str]) -> Optional[str]:
+    """The name of the bias whose entry ``u`` belongs to row unit ``u`` of weight ``p``, if any."""
+    module = p.grouping_module
+    if module is None or not p.name.endswith("weight"):
+        return None
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter) and id(bias) in names and bias.dim() == 1 and bias.shape[0] == p.num_units:
+        return names[id(bias)]
+    return None
+
+
+def _part_bias(model: nn.Module, part: Any) -> Optional[str]:
+    """The bias of a group part's layer where the part lies along the layer's output axis
+    (``q_proj.weight`` -> ``q_proj.bias``, ``in_proj_weight`` -> ``in_proj_bias``), else None."""
+    from .per_sample.registry import grouping_axis
+    from .per_sample.selection import select_parameters
+
+    if not part.param.endswith("weight"):
+        return None
+    name = part.param[: -len("weight")] + "bias"
+    bias = dict(model.named_parameters()).get(name)
+    if bias is None or bias.dim() != 1 or bias.shape[0] != part.shape[part.axis]:
+        return None
+    (p,) = select_parameters(model, [part.param]).params
+    return name if grouping_axis(p.grouping) == part.axis else None
+
+
+def _model_groups(model: nn.Module) -> Dict[str, Any]:
+    """Every head and neuron group the unit schemes find in ``model``, by name."""
+    from .unit_schemes import find_groups
+
+    return {g.name: g for scheme in ("heads", "neurons") for g in find_groups(model, scheme)}
 
 
 def iter_units(units: Units) -> Iterable[Unit]:

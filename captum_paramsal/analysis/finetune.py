@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._utils import evaluation_mode
-from ..interventions import swapped_parameters, unit_entries
-from ..per_sample.selection import select_parameters
-from ..units import Units, resolve_units
+from ..interventions import swapped_parameters
+from ..saliency_profile import UnitScore
+from ..units import Units, iter_units, resolve_columns, resolve_entries
 
 if TYPE_CHECKING:
     from .._core.parameter_saliency import ParameterSaliency
@@ -79,6 +79,30 @@ class FineTuneResult:
             values = {name: params[name].detach() + change.to(params[name]) for name, change in self.delta.items()}
         with swapped_parameters(model, values):
             yield model
+
+
+def _named_units(units: Units, ps: ParameterSaliency) -> List[Tuple[str, int]]:
+    """``units`` as ``(name, index)`` pairs, columns read in ``ps.layout``, each unit once, in
+    layout order where the layout has them (parameters outside it after, as given)."""
+    pairs: List[Tuple[str, int]] = []
+    for unit in iter_units(units):
+        if isinstance(unit, UnitScore):
+            pair = (unit.param, int(unit.unit))
+        elif isinstance(unit, (tuple, list)) and len(unit) == 2 and isinstance(unit[0], str):
+            pair = (unit[0], unit[1])
+        else:
+            pair = ps.layout.unit_of(resolve_columns(unit, ps.layout)[0])
+        if pair not in pairs:
+            pairs.append(pair)
+    layout = ps.layout
+
+    def place(pair: Tuple[str, int]) -> Tuple[int, int]:
+        name, index = pair
+        if name in layout and isinstance(index, int) and 0 <= index < layout[name].num_units:
+            return (0, layout.column(name, index))
+        return (1, 0)
+
+    return sorted(pairs, key=place)
 
 
 def _top_units(ps: ParameterSaliency, x: Tensor, y: Tensor, k: int) -> List[Tuple[str, int]]:
@@ -146,19 +170,19 @@ def finetune_salient(
     x, y = x.to(device), y.to(device)
     if units is None:
         chosen = _top_units(ps, x, y, k)
-        wanted = resolve_units(model, chosen)
     else:
-        wanted = resolve_units(model, units, ps.layout)
-        chosen = [(name, i) for name, indices in wanted.items() for i in indices]
+        chosen = _named_units(units, ps)
+    # where the units lie: rows of one parameter, or a head's / neuron's parts of several
+    entries = resolve_entries(model, chosen, ps.layout)
 
     work = copy.deepcopy(model).eval()
-    selection = select_parameters(work, list(wanted))
-    masks: Dict[str, Tensor] = {}
-    for p in selection.params:
-        mask = torch.zeros(p.param.numel(), dtype=torch.bool, device=p.param.device)
-        mask[unit_entries(p)[wanted[p.name]].reshape(-1)] = True
-        masks[p.name] = mask.view_as(p.param)
     params = dict(work.named_parameters())
+    masks: Dict[str, Tensor] = {}
+    for name, blocks in entries.items():
+        mask = torch.zeros(params[name].numel(), dtype=torch.bool, device=params[name].device)
+        for block in blocks:
+            mask[block.reshape(-1).to(mask.device)] = True
+        masks[name] = mask.view_as(params[name])
     trained = [params[name] for name in masks]
     steps, corrected = 0, False
     for step in range(max_steps + 1):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -43,6 +44,8 @@ class UnitPlan:
     axes: Dict[str, int]
     unit_of: Optional[Tensor] = None
     entries: Optional[Tensor] = None
+    #: the slices that are a column on their own (rows entries), copied rather than combined
+    single: Optional[Tensor] = None
 
     @property
     def identity(self) -> bool:
@@ -53,7 +56,10 @@ class UnitPlan:
         if self.unit_of is None:
             return values
         unit_of = self.unit_of.to(values.device)
-        return reduction.combine(values, self.entries.to(values.device), unit_of, self.layout.num_columns)
+        columns = reduction.combine(values, self.entries.to(values.device), unit_of, self.layout.num_columns)
+        single = self.single.to(values.device)
+        # a column of one slice is that slice's value, bit for bit (not unpooled(pooled(v)))
+        return columns.index_copy(1, unit_of[single], values[:, single])
 
     def slice_weights(self, weights_of: Callable[[Tensor], Tensor], reduction: Any) -> Callable[[Tensor], Tensor]:
         """``weights_of`` on columns turned into weights on slices, by the chain rule through
@@ -212,7 +218,9 @@ def _build(selected: Sequence[Tuple[str, Tuple[int, ...], int]], groups: List[Un
     layout = SaliencyLayout(entries)
     if not groups:
         return UnitPlan(layout, {})
-    return UnitPlan(layout, axes, torch.tensor(unit_of), torch.tensor(counts))
+    sizes = Counter(unit_of)
+    single = [i for i, column in enumerate(unit_of) if sizes[column] == 1]
+    return UnitPlan(layout, axes, torch.tensor(unit_of), torch.tensor(counts), torch.tensor(single, dtype=torch.long))
 
 
 def _check_prefixes(model: nn.Module, units: Mapping[str, str]) -> None:
