@@ -412,3 +412,28 @@ def test_chunks_and_the_closed_forms_agree_with_one_pass():
         whole = ps.attribute(case.inputs, **args)
         chunked = ps.attribute(case.inputs, internal_batch_size=2, **args)
         assert rel_err(chunked, whole) < 1e-12
+
+
+def test_pruning_curves_turn_off_heads_of_a_masked_bert():
+    from captum_paramsal.analysis import pruning_curves
+
+    case = make_case("bert", padded=True)
+    model = _quiet(case.build)
+    before = snapshot(model)
+    ps = ParameterSaliency(model, units="heads")
+    with torch.no_grad():
+        predicted = model(case.inputs, **case.kwargs).logits.argmax(1)
+    labels = (predicted + 1) % 3  # every sample "misclassified": each has a culprit to find
+    result = pruning_curves(model, ps, case.inputs, labels, ks=(1, 2), seed=0,
+                            additional_forward_args=case.kwargs)
+    assert result.num_misclassified == 3
+    z = ps.attribute(case.inputs, target=labels, additional_forward_args=case.kwargs)
+    for i in range(3):  # one record recomputed by hand: the top head of sample i off
+        top = int(z[i].argmax())
+        with turn_off(model, [top], layout=ps.layout):
+            mask = case.kwargs["attention_mask"][i : i + 1]
+            n = int(mask.sum())
+            logits = model(case.inputs[i : i + 1, :n], attention_mask=mask[:, :n]).logits
+        record = next(r for r in result.records if r["sample"] == i and r["k"] == 1 and r["mode"] == "salient")
+        assert record["corrected"] == bool(logits.argmax(1) == labels[i])
+    assert_unchanged(model, before)

@@ -5,13 +5,14 @@ salient units?"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .._utils import evaluation_mode
+from .._utils import evaluation_mode, split_forward_args
 from ..interventions import turn_off
+from ..per_sample.engine import model_output_tensor
 
 if TYPE_CHECKING:
     from .._core.parameter_saliency import ParameterSaliency
@@ -144,9 +145,15 @@ class PruningResult:
         return fig
 
 
-def _probabilities(model: nn.Module, x: Tensor) -> Tensor:
+def _probabilities(model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tensor] = model_output_tensor,
+                   args: Tuple[Any, ...] = (), kwargs: Optional[Dict[str, Any]] = None) -> Tensor:
     with torch.no_grad():
-        return torch.softmax(model(x), dim=-1)
+        return torch.softmax(output_fn(model(x, *args, **(kwargs or {}))), dim=-1)
+
+
+def _rows(values: Any, index: Tensor, batch: int) -> Any:
+    """``values[index]`` for a per-sample tensor (first dim ``batch``), anything else as it is."""
+    return values[index] if isinstance(values, Tensor) and values.dim() > 0 and values.shape[0] == batch else values
 
 
 def _check_ks(ks: Sequence[int], num_units: int) -> List[int]:
@@ -167,6 +174,7 @@ def pruning_curves(
     modes: Sequence[str] = MODES,
     seed: int = 0,
     internal_batch_size: Optional[int] = None,
+    additional_forward_args: Any = None,
 ) -> PruningResult:
     """Turn off the k most salient, k random and k least salient units of each misclassified
     sample among ``inputs`` (docs/METHOD.md, "The paper's validation experiments") and record what changes.
@@ -183,6 +191,11 @@ def pruning_curves(
         modes: any of ``"salient"``, ``"random"``, ``"least"``.
         seed: seeds the random units (one draw per sample and k).
         internal_batch_size: as in :meth:`ParameterSaliency.attribute`, bounds memory.
+        additional_forward_args: as in :meth:`ParameterSaliency.attribute` (a dict is passed by
+            keyword, e.g. ``{"attention_mask": mask}``); per-sample tensors are cut to each
+            sample. The class probabilities are the softmax of ``ps.output_fn(model output)``
+            (a Hugging Face model's logits), which must be ``(B, classes)``. Units are those of
+            ``ps.layout``: heads or neurons under ``units="heads"`` / ``"neurons"``.
 
     Returns:
         :class:`PruningResult`.
@@ -210,13 +223,18 @@ def pruning_curves(
     layout = ps.layout
     ks = _check_ks(ks, layout.num_columns)
     with evaluation_mode(model):
-        before = _probabilities(model, inputs)
+        batch = inputs.shape[0]
+        extra, keyword = split_forward_args(additional_forward_args)
+        before = _probabilities(model, inputs, ps.output_fn, extra, keyword)
         predicted = before.argmax(-1)
         wrong = (predicted != labels.to(predicted.device)).nonzero().flatten()
         if len(wrong) == 0:
             raise ValueError("no misclassified samples among inputs: nothing to correct")
         x, y = inputs[wrong], labels[wrong].to(predicted.device)
-        z = ps.attribute(x, target=y, internal_batch_size=internal_batch_size).detach()
+        extra = tuple(_rows(a, wrong, batch) for a in extra)
+        keyword = {k: _rows(v, wrong, batch) for k, v in keyword.items()}
+        passed = keyword if keyword else (extra or None)
+        z = ps.attribute(x, target=y, additional_forward_args=passed, internal_batch_size=internal_batch_size).detach()
         generator = torch.Generator().manual_seed(seed)
         records: List[Dict[str, Any]] = []
         for i in range(len(wrong)):
@@ -231,7 +249,11 @@ def pruning_curves(
                 }
                 for mode in modes:
                     with turn_off(model, chosen[mode].tolist(), layout=layout):
-                        p = _probabilities(model, x[i : i + 1])[0]
+                        one = torch.arange(i, i + 1)
+                        p = _probabilities(
+                            model, x[i : i + 1], ps.output_fn, tuple(_rows(a, one, len(wrong)) for a in extra),
+                            {k: _rows(v, one, len(wrong)) for k, v in keyword.items()},
+                        )[0]
                     records.append({
                         "sample": int(wrong[i]),
                         "k": k,
