@@ -83,6 +83,28 @@ class SaliencyProfile:
             rows.append(row)
         return rows
 
+    def only(self, *kinds: str) -> SaliencyProfile:
+        """The profile of the layout entries of these kinds only (``"heads"``, ``"kv_heads"``,
+        ``"neurons"``, ``"rows"``), with a layout of just those entries: its ``top_k`` ranks
+        heads among heads. Its ``UnitScore`` s name units by ``(entry name, index)``, which
+        the full layout resolves too.
+
+        Examples::
+
+            >>> prof.only("heads").top_k(3)[0]        # sample 0's three most salient heads
+        """
+        from .layout import ENTRY_KINDS
+
+        unknown = [k for k in kinds if k not in ENTRY_KINDS]
+        if unknown or not kinds:
+            raise ValueError(f"kinds must be among {ENTRY_KINDS}, got {kinds!r}")
+        entries = [e for e in self.layout if e.kind in kinds]
+        if not entries:
+            present = sorted({e.kind for e in self.layout})
+            raise ValueError(f"this profile has no {' or '.join(kinds)} entries (it has {', '.join(present)})")
+        columns = torch.cat([torch.arange(e.slice.start, e.slice.stop) for e in entries]).to(self.values.device)
+        return SaliencyProfile(self.values[:, columns], SaliencyLayout(entries), self.standardized, self.reduction)
+
     def by_layer(self, reduce: str = "mean") -> Tensor:
         """``(B, number of parameters)``: each parameter's units reduced by ``"mean"`` or ``"max"``,
         columns in ``layout`` order (``layout.names``)."""

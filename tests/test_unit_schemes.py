@@ -369,6 +369,13 @@ def test_profiles_top_k_plots_and_records_name_heads(tmp_path):
     assert all(u.param in ps.layout for row in top for u in row)
     heads = [u for row in prof.top_k(ps.layout.num_columns) for u in row if ps.layout[u.param].kind == "heads"]
     assert {u.param for u in heads} == {"bert.encoder.layer.0.attention", "bert.encoder.layer.1.attention"}
+    only = prof.only("heads")
+    assert [e.kind for e in only.layout] == ["heads", "heads"] and only.values.shape == (3, 4)
+    for row, full in zip(only.top_k(2), prof.values):
+        for u in row:
+            assert u.value == pytest.approx(float(full[ps.layout.column(u.param, u.unit)]))
+    with pytest.raises(ValueError, match="no neurons entries"):
+        prof.only("neurons")
     fig = prof.plot(0)
     fig.savefig(tmp_path / "heads.png")
     prof.plot_top_k(0, k=3).savefig(tmp_path / "top.png")
