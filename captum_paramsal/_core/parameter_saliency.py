@@ -102,7 +102,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         >>> ps.profile(images, target=labels).plot(0)        # the paper's figure
         >>> print(ps.routing(images))                        # which layers take the fast path
         >>> # a language model by attention heads and MLP neurons
-        >>> ps = ParameterSaliency(gpt2, units=("heads", "neurons"), loss_fn=CausalLMLoss())
+        >>> ps = ParameterSaliency(gpt2, units=("heads", "neurons"), loss_fn=CausalLM())
         >>> ps.profile(ids, target=ids).top_k(3)[0]         # UnitScore('transformer.h.5.attn', 7, ...)
     """
 
