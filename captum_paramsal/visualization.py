@@ -83,6 +83,17 @@ def plot_profile(
     return figure
 
 
+_KIND_WORDS = {"heads": "head", "kv_heads": "kv head", "neurons": "neuron"}
+
+
+def unit_label(layout: SaliencyLayout, column: int) -> str:
+    """How a figure names a column: ``"fc.weight [3]"`` for a row, ``"h.3.attn head 7"`` for a
+    head (``kv head``, ``neuron`` likewise)."""
+    name, unit = layout.unit_of(column)
+    word = _KIND_WORDS.get(layout[name].kind)
+    return f"{name} {word} {unit}" if word else f"{name} [{unit}]"
+
+
 def plot_top_units(
     values: torch.Tensor,
     layout: SaliencyLayout,
@@ -99,7 +110,7 @@ def plot_top_units(
     if not 1 <= k <= layout.num_columns:
         raise ValueError(f"k must be between 1 and {layout.num_columns}, got {k}")
     top_values, columns = values.topk(k)
-    labels = ["{} [{}]".format(*layout.unit_of(column)) for column in columns.tolist()][::-1]
+    labels = [unit_label(layout, column) for column in columns.tolist()][::-1]
     figure, ax = _figure_and_axes(ax, (7, 0.35 * k + 1.2))
     ax.barh(range(k), top_values.tolist()[::-1], color="tab:red")
     ax.set_yticks(range(k), labels, fontsize="small")
@@ -174,3 +185,120 @@ def paper_heatmap(
 
         Image.fromarray(out).save(path)
     return out
+
+
+# -- per-token attributions (an input saliency at an embedding layer, beside Captum's) -------------
+
+
+def token_scores(
+    attributions: torch.Tensor,
+    reduction: str = "sum",
+    normalize: bool = False,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One score per token from an attribution at a token-wise layer, ``(B, T, D)`` (or one
+    sample's ``(T, D)``) to ``(B, T)`` (``(T,)``).
+
+    ``reduction="sum"`` (the default) adds the ``D`` features of each token, signed: what
+    Captum's tutorials do with ``LayerIntegratedGradients`` on an embedding layer, so that
+    scores of :class:`~captum_paramsal.ParameterGuidedInputSaliency` and of Captum's layer
+    methods are read the same way; for a gradient it is the change of the objective when
+    every feature of the token's vector moves by the same small amount. ``"l2"`` takes the
+    Euclidean norm over ``D`` instead: how strongly the token's vector matters, whatever
+    the direction (unsigned).
+
+    Args:
+        attributions: ``(B, T, D)`` or ``(T, D)``.
+        reduction: ``"sum"`` or ``"l2"``.
+        normalize: divide each sample's scores by their Euclidean norm over its tokens (as
+            Captum's tutorials do before showing them); a sample whose scores are all zero
+            stays zero.
+        attention_mask: ``(B, T)`` (or ``(T,)``); scores where it is 0 (padding) are set to 0
+            and left out of the normalization.
+
+    Returns:
+        the scores, detached, float, on the attributions' device.
+    """
+    a = torch.as_tensor(attributions).detach()
+    if a.dim() not in (2, 3):
+        raise ValueError(f"attributions must be (B, T, D) or (T, D), got shape {tuple(a.shape)}")
+    a = a if a.is_floating_point() else a.double()
+    if reduction == "sum":
+        scores = a.sum(dim=-1)
+    elif reduction == "l2":
+        scores = a.norm(dim=-1)
+    else:
+        raise ValueError(f"reduction must be 'sum' or 'l2', got {reduction!r}")
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask, device=scores.device)
+        if mask.shape != scores.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, the scores {tuple(scores.shape)}")
+        scores = torch.where(mask != 0, scores, torch.zeros_like(scores))
+    if normalize:
+        norm = scores.norm(dim=-1, keepdim=True)
+        scores = torch.where(norm > 0, scores / torch.where(norm > 0, norm, torch.ones_like(norm)), scores)
+    return scores
+
+
+def plot_token_attributions(
+    tokens: list[str] | tuple[str, ...],
+    scores: dict[str, Any],
+    kind: str = "bars",
+    normalize: bool = True,
+    title: Optional[str] = None,
+    ax: Optional[Any] = None,
+) -> Any:
+    """Several methods' per-token scores of one sample, side by side.
+
+    Args:
+        tokens: the sample's ``T`` tokens, as text (e.g. ``tokenizer.convert_ids_to_tokens``).
+        scores: ``{method name: (T,) scores}`` (tensors or arrays, e.g. a row of
+            :func:`token_scores`), in the order to show them.
+        kind: ``"bars"``: for each token one bar per method, grouped; ``"heatmap"``: one row
+            per method, one column per token, red positive and blue negative.
+        normalize: divide each method's scores by their largest absolute value, so that
+            methods on different scales (a second-order gradient, integrated gradients)
+            share one axis; the signs are kept.
+        title: the figure's title (default ``"per-token attributions"``).
+        ax: a matplotlib axes to draw into; default: a new ``Figure``.
+
+    Returns:
+        the ``Figure``.
+    """
+    tokens = [str(t) for t in tokens]
+    if not tokens:
+        raise ValueError("tokens is empty")
+    if not scores:
+        raise ValueError("scores is empty: give at least one {method name: scores}")
+    if kind not in ("bars", "heatmap"):
+        raise ValueError(f"kind must be 'bars' or 'heatmap', got {kind!r}")
+    rows = []
+    for name, values in scores.items():
+        row = torch.as_tensor(values).detach().double().cpu().reshape(-1)
+        if row.numel() != len(tokens):
+            raise ValueError(f"scores[{name!r}] has {row.numel()} values for {len(tokens)} tokens")
+        if normalize and row.abs().max() > 0:
+            row = row / row.abs().max()
+        rows.append(row)
+    names = list(scores)
+    count = len(tokens)
+    figure, ax = _figure_and_axes(ax, (max(6.0, 0.55 * count + 2.0), 3.5 if kind == "bars" else 0.5 * len(names) + 2))
+    if kind == "bars":
+        width = 0.8 / len(rows)
+        for index, (name, row) in enumerate(zip(names, rows)):
+            offsets = [t - 0.4 + width * (index + 0.5) for t in range(count)]
+            ax.bar(offsets, row.tolist(), width=width, label=name)
+        ax.axhline(0.0, color="0.5", linewidth=0.6)
+        ax.set_xticks(range(count), tokens, rotation=60, ha="right", fontsize="small")
+        ax.set_xlim(-0.6, count - 0.4)
+        ax.set_ylabel("score / max |score|" if normalize else "score")
+        ax.legend(loc="upper right", fontsize="small")
+    else:
+        table = torch.stack(rows)
+        limit = float(table.abs().max()) or 1.0
+        image = ax.imshow(table.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(count), tokens, rotation=60, ha="right", fontsize="small")
+        ax.set_yticks(range(len(names)), names)
+        figure.colorbar(image, ax=ax, label="score / max |score|" if normalize else "score")
+    ax.set_title(title if title is not None else "per-token attributions")
+    return figure

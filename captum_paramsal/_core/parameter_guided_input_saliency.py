@@ -12,6 +12,7 @@ from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..per_sample.second_order import weighted_saliency_input_grads
 from ..saliency_profile import UnitScore
 from ..stats import SaliencyStats
+from ..unit_schemes import UnitsSpec
 from ..units import iter_units, resolve_columns
 from .parameter_saliency import ParameterSaliency
 from .parameter_space_attribution import ParameterSpaceAttribution
@@ -69,6 +70,17 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
             selection, loss, reduction, kernels and (live) statistics this method
             uses; ``stats`` and the arguments above are then left out. Same as
             :meth:`from_parameter_saliency`.
+        units: the unit scheme, as in :class:`ParameterSaliency` (``"heads"``: boost each
+            sample's most salient attention heads).
+        layer: a submodule of ``model`` (as ``captum.attr.LayerIntegratedGradients``
+            takes one): attribute its output instead of the inputs, ``dO_i/dh_i`` for
+            ``h_i`` = the layer's output on sample ``i``, shaped like that output
+            (``(B, T, D)`` for an embedding). The inputs may then be token ids. The
+            layer must be called exactly once per forward and return one
+            floating-point, batch-first Tensor. Its own parameters may be selected
+            (the gradient is taken at a zero probe added to its output, not by
+            replacing the output). :func:`captum_paramsal.visualization.token_scores`
+            turns ``(B, T, D)`` into one score per token.
 
     Examples::
 
@@ -84,6 +96,17 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         ...                                      stdevs=0.1, target=labels)
         >>> viz.visualize_image_attr(smooth[0].permute(1, 2, 0).cpu().numpy(),   # CHW -> HWC
         ...                          images[0].permute(1, 2, 0).cpu().numpy(), sign="absolute_value")
+        >>> # token ids: attribute the embedding output, beside Captum's LayerIntegratedGradients
+        >>> from captum.attr import LayerIntegratedGradients
+        >>> from captum_paramsal.visualization import plot_token_attributions, token_scores
+        >>> pgis = ParameterGuidedInputSaliency(bert, k=10, layer=bert.bert.embeddings)
+        >>> attr = pgis.attribute(ids, target=labels, additional_forward_args={"attention_mask": mask})
+        >>> attr.shape                                           # (B, T, hidden): the embeddings' output
+        >>> ours = token_scores(attr, attention_mask=mask)       # (B, T): summed over hidden, per token
+        >>> lig = LayerIntegratedGradients(lambda i, m: bert(i, attention_mask=m).logits, bert.bert.embeddings)
+        >>> theirs = token_scores(lig.attribute(ids, target=labels, additional_forward_args=(mask,)),
+        ...                       attention_mask=mask)
+        >>> fig = plot_token_attributions(tokens_of_sample_0, {"filter boosting": ours[0], "LayerIG": theirs[0]})
     """
 
     def __init__(
@@ -99,11 +122,13 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         compile_kernels: bool = False,
         parameter_saliency: Optional[ParameterSaliency] = None,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
+        layer: Optional[nn.Module] = None,
+        units: UnitsSpec = "rows",
     ) -> None:
         if parameter_saliency is None:
             # the saliency that picks the units, with its statistics checked against its layout
             parameter_saliency = ParameterSaliency(
-                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels, output_fn
+                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels, output_fn, units=units
             )
             super().__init__(model, share=parameter_saliency)
         else:
@@ -115,20 +140,31 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 raise ValueError("with parameter_saliency=, the statistics are its own: leave stats out")
             super().__init__(
                 model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, share=parameter_saliency,
-                output_fn=output_fn,
+                output_fn=output_fn, units=units,
             )
         self.parameter_saliency = parameter_saliency
         self.k = self._check_k(k)
         if isinstance(boost_factor, bool) or not isinstance(boost_factor, (int, float)) or not boost_factor > 0:
             raise ValueError(f"boost_factor must be a positive number, got {boost_factor!r}")
         self.boost_factor = float(boost_factor)
+        if layer is not None:
+            if not isinstance(layer, nn.Module):
+                raise TypeError(f"layer must be a submodule of the model (an nn.Module), got {type(layer).__name__}")
+            if not any(m is layer for m in model.modules()):
+                raise ValueError(
+                    f"layer ({type(layer).__name__}) is not a submodule of the model: pass the module object "
+                    "itself, e.g. model.bert.embeddings"
+                )
+        #: the submodule whose output is attributed (None: the inputs)
+        self.layer: Optional[nn.Module] = layer
 
     @classmethod
     def from_parameter_saliency(
-        cls, ps: ParameterSaliency, k: int = 10, boost_factor: float = 100.0
+        cls, ps: ParameterSaliency, k: int = 10, boost_factor: float = 100.0, layer: Optional[nn.Module] = None
     ) -> ParameterGuidedInputSaliency:
-        """Share ``ps``'s model, parameter selection, loss, reduction and statistics."""
-        return cls(ps.model, k=k, boost_factor=boost_factor, parameter_saliency=ps)
+        """Share ``ps``'s model, parameter selection, loss, reduction and statistics (``layer``:
+        as in the constructor)."""
+        return cls(ps.model, k=k, boost_factor=boost_factor, parameter_saliency=ps, layer=layer)
 
     @property
     def stats(self) -> Optional[SaliencyStats]:
@@ -174,10 +210,11 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         internal_batch_size: Optional[int] = None,
     ) -> TensorOrTupleOfTensors:
         r"""Per-sample ``dO/dx`` (docs/METHOD.md, "Which input features make the units malfunction"), the shape
-        of ``inputs``.
+        of ``inputs``; with the constructor's ``layer``, ``dO/dh`` at that layer's output, its shape.
 
         Args:
-            inputs: a floating-point batch, or a tuple of batches.
+            inputs: a floating-point batch, or a tuple of batches; with ``layer``, anything
+                the model takes (token ids).
             target: labels for the loss (int, list or tensor); None = predicted class.
             units: boost these units instead of each sample's top ``k``: one
                 collection for all samples, or one per sample; a unit is a layout
@@ -189,15 +226,27 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 :meth:`ParameterSaliency.attribute`.
 
         Returns:
-            Attributions with the shape of ``inputs`` (a tuple for a tuple).
+            Attributions with the shape of ``inputs`` (a tuple for a tuple); with ``layer``,
+            one Tensor shaped like the layer's output (for any form of ``inputs``, as
+            Captum's layer methods return), zero where the output does not reach the
+            objective (padded positions behind an attention mask).
+
+        Examples::
+
+            >>> pgis = ParameterGuidedInputSaliency(gpt2, k=5, layer=gpt2.transformer.wte,
+            ...                                     output_fn=lambda out: out.logits[:, -1])
+            >>> attr = pgis.attribute(prompts, target=next_tokens)   # (B, T, n_embd)
+            >>> per_token = attr.sum(-1)                              # (B, T), as with LayerIG
         """
         prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
-        for i, x in enumerate(prepared.inputs):
-            if not x.is_floating_point():
-                raise TypeError(
-                    f"inputs[{i}] has dtype {x.dtype}; an input gradient needs floating-point inputs "
-                    "(for token ids, attribute the embeddings instead)"
-                )
+        if self.layer is None:
+            for i, x in enumerate(prepared.inputs):
+                if not x.is_floating_point():
+                    raise TypeError(
+                        f"inputs[{i}] has dtype {x.dtype}; an input gradient needs floating-point inputs (for token "
+                        "ids, pass layer= to the constructor, e.g. layer=model.bert.embeddings, and attribute that "
+                        "layer's output)"
+                    )
         if units is not None and random_units:
             raise ValueError("give either units= or random_units=True, not both")
         batch = prepared.batch
@@ -220,7 +269,11 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                         weights = stats.standardize(weights + stats.mean.to(weights))
                     return weights
 
-                parts.append(weighted_saliency_input_grads(run, weights_of)[2])
+                # the weights are on the layout's columns; the pass needs them on the engine's slices
+                on_slices = self._plan.slice_weights(weights_of, self._reduction)
+                parts.append(weighted_saliency_input_grads(run, on_slices, self.layer)[2])
+        if self.layer is not None:  # the layer's output, one tensor
+            return torch.cat([p[0] for p in parts])
         inputs_tuple = prepared.inputs
         result = tuple(torch.cat([p[i] for p in parts]) for i in range(len(inputs_tuple)))
         result = tuple(r.to(x.dtype) for r, x in zip(result, inputs_tuple))

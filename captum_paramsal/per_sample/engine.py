@@ -13,9 +13,10 @@ per chunk of ``internal_batch_size`` samples.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +80,9 @@ class SaliencyPass:
     forward_kwargs: Dict[str, Any] = field(default_factory=dict)
     #: ``output_fn(model output) -> Tensor``: what the loss sees (the logits of a ModelOutput)
     output_fn: Callable[[Any], Tensor] = field(default=model_output_tensor)
+    #: ``around_forward() -> context`` that :meth:`forward` runs the model in (the input
+    #: saliency's probe on a layer's output, :mod:`.second_order`); None: none
+    around_forward: Optional[Callable[[], ContextManager[Any]]] = None
 
     @property
     def batch(self) -> int:
@@ -89,7 +93,9 @@ class SaliencyPass:
 
     def forward(self) -> Tensor:
         """The model's output on this batch, as the loss sees it (through :attr:`output_fn`)."""
-        output = self.model(*self.inputs, *self.additional_forward_args, **self.forward_kwargs)
+        around = self.around_forward() if self.around_forward is not None else contextlib.nullcontext()
+        with around:
+            output = self.model(*self.inputs, *self.additional_forward_args, **self.forward_kwargs)
         return check_output(self.output_fn(output), self.output_fn)
 
 

@@ -3,6 +3,10 @@
 ``torch.func``: ``vmap(grad(loss of one sample))`` over a chunk of samples,
 with only the fallback parameters differentiated, reduced to units at once so
 that at most ``chunk_size`` per-sample gradients of those parameters exist.
+
+The second derivative (:func:`fallback_weighted_input_grads`) differentiates that with
+respect to the sample, or, given a layer, with respect to a zero offset that a forward
+hook adds to the layer's output (the layer's own parameters keep their graph).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -82,18 +86,48 @@ class _Extras:
         return tuple(args), kwargs
 
 
-def _unit_saliency_of_sample(run: SaliencyPass, params: Sequence[SelectedParameter], extras: _Extras):
-    """``f(sample, label, extras) -> (F_fallback,)``: one sample's units, for vmap."""
+@contextlib.contextmanager
+def _offset_output(layer: Optional[nn.Module], offset: Optional[Tensor]) -> Iterator[None]:
+    """Inside: ``layer``'s output (one sample's, batch dim of 1) plus ``offset``; nothing
+    where either is None. The layer must be called once."""
+    if layer is None or offset is None:
+        yield
+        return
+    calls = [0]
+
+    def add(module: nn.Module, args: Any, output: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > 1 or not isinstance(output, Tensor):
+            raise RuntimeError(
+                f"layer= ({type(module).__name__}) must be called once per forward and return one Tensor"
+            )
+        return output + offset.unsqueeze(0)
+
+    handle = layer.register_forward_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _unit_saliency_of_sample(
+    run: SaliencyPass, params: Sequence[SelectedParameter], extras: _Extras, layer: Optional[nn.Module] = None
+):
+    """``f(sample, label, extras, offset=None) -> (F_fallback,)``: one sample's units, for vmap;
+    ``offset`` is added to ``layer``'s output."""
     reduce = run.reduction.reduce
     primals = {p.name: p.param.detach() for p in params}
 
-    def sample_loss(values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, one) -> Tensor:
+    def sample_loss(
+        values: Dict[str, Tensor], sample: Tuple[Tensor, ...], label: Tensor, one, offset: Optional[Tensor]
+    ) -> Tensor:
         args, kwargs = extras.call_arguments(one)
-        output = functional_call(run.model, values, (*(x.unsqueeze(0) for x in sample), *args), kwargs)
+        with _offset_output(layer, offset):
+            output = functional_call(run.model, values, (*(x.unsqueeze(0) for x in sample), *args), kwargs)
         return run.loss_fn(run.output_fn(output), label.unsqueeze(0)).sum()
 
-    def units(sample: Tuple[Tensor, ...], label: Tensor, one) -> Tensor:
-        grads = grad(sample_loss)(primals, sample, label, one)
+    def units(sample: Tuple[Tensor, ...], label: Tensor, one, offset: Optional[Tensor] = None) -> Tensor:
+        grads = grad(sample_loss)(primals, sample, label, one, offset)
         return torch.cat([reduce(p.grouping(grads[p.name].unsqueeze(0), p.grouping_module))[0] for p in params])
 
     return units
@@ -179,19 +213,38 @@ def fallback_unit_saliency(run: SaliencyPass, params: Sequence[SelectedParameter
 
 
 def fallback_weighted_input_grads(
-    run: SaliencyPass, params: Sequence[SelectedParameter], target: Tensor, weights: Tensor
+    run: SaliencyPass,
+    params: Sequence[SelectedParameter],
+    target: Tensor,
+    weights: Tensor,
+    at_layer: Optional[Tuple[nn.Module, Tensor]] = None,
 ) -> Tuple[Tensor, ...]:
     """Per sample ``d/dx_i sum_u weights[i, u] * s_i[u]`` over the fallback units (a second
-    derivative: ``grad`` of a function that takes ``grad``), chunked like the saliency."""
+    derivative: ``grad`` of a function that takes ``grad``), chunked like the saliency.
+
+    With ``at_layer = (layer, like)`` the derivative is taken with respect to ``layer``'s
+    output instead (``like``: a tensor of that output's shape, dtype and device, ``(B, ...)``),
+    and the result is a 1-tuple of that shape.
+    """
     extras = _Extras(run)
-    units = _unit_saliency_of_sample(run, params, extras)
+    layer = None if at_layer is None else at_layer[0]
+    units = _unit_saliency_of_sample(run, params, extras, layer)
 
-    def weighted(sample: Tuple[Tensor, ...], label: Tensor, one, row: Tensor) -> Tensor:
-        return (units(sample, label, one) * row).sum()
+    def weighted(sample: Tuple[Tensor, ...], label: Tensor, one, row: Tensor, *offset: Tensor) -> Tensor:
+        return (units(sample, label, one, *offset) * row).sum()
 
-    input_grads = _vmapped(grad(weighted), params, "input gradients")
+    if at_layer is None:
+        input_grads = _vmapped(grad(weighted), params, "input gradients")
+    else:  # the offset last: the loop without vmap counts the samples by the labels, argument 1
+        input_grads = _vmapped(grad(weighted, argnums=4), params, "gradients at the layer's output")
     parts = []
     with _functional_pass(run.model):
         for chunk, labels, per_sample, samples in _chunks(run, extras, target):
-            parts.append(input_grads(tuple(x.detach() for x in chunk), labels, per_sample, weights[samples]))
-    return tuple(torch.cat([part[i] for part in parts]) for i in range(len(run.inputs)))
+            chunk = tuple(x.detach() for x in chunk)
+            if at_layer is None:
+                parts.append(input_grads(chunk, labels, per_sample, weights[samples]))
+            else:
+                offset = torch.zeros_like(at_layer[1][samples])
+                parts.append((input_grads(chunk, labels, per_sample, weights[samples], offset),))
+    count = len(run.inputs) if at_layer is None else 1
+    return tuple(torch.cat([part[i] for part in parts]) for i in range(count))
