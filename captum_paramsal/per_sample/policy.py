@@ -10,7 +10,7 @@ a failed compile in one method changes nothing for another).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -19,6 +19,28 @@ from .grads import PerSampleGrad
 
 #: :attr:`KernelPolicy.deferred_bytes` per device type (absent: 0)
 DEFERRED_BYTES = {"cpu": 256 << 20}
+
+#: :attr:`KernelPolicy.workspace_values` per device type (absent: the class default, 2^22). Read
+#: by every pass (:meth:`KernelPolicy.for_device`); on CPU a larger workspace measured no faster
+#: on the transformer shapes of benchmarks/bench_transformers.py (2^24: 0.96-1.09x the time), on
+#: a GPU, where each chunk costs kernel launches, it is the first thing to try
+#: (``bench_transformers.py --workspace-values``)
+WORKSPACE_VALUES: Dict[str, int] = {}
+
+#: device types on which the Linear-like rules drop the positions whose output gradient is zero
+#: in every sample of the call (:func:`compacts_positions`)
+COMPACT_POSITIONS = frozenset({"cpu"})
+
+
+def compacts_positions(device: torch.device) -> bool:
+    """Whether a Linear-like rule on ``device`` checks its output gradient for positions that are
+    zero in every sample and leaves them out of the low-rank factors (exact: a zero position adds
+    nothing to ``sum_t dY[t]^T X[t]``). A language-model head that runs on every position under a
+    loss at the last one has rank 1 instead of the sequence length then, so its closed forms
+    apply. The check reads the output gradient's first and last positions, and all of it only
+    where one of them is zero; on an asynchronous device (CUDA) it would wait for the device in
+    every layer call, so it runs on CPU only. A rule asks this itself: rules see no policy."""
+    return torch.device(device).type in COMPACT_POSITIONS
 
 
 @dataclass(frozen=True)
@@ -56,8 +78,12 @@ class KernelPolicy:
         cls, device: torch.device, compile: bool = False, kernels: Optional[CompiledKernels] = None
     ) -> KernelPolicy:
         """The policy for passes on ``device``."""
-        deferred = DEFERRED_BYTES.get(torch.device(device).type, 0)
-        return cls(deferred_bytes=deferred, compile=compile, kernels=kernels or CompiledKernels())
+        kind = torch.device(device).type
+        workspace = WORKSPACE_VALUES.get(kind, cls.workspace_values)
+        return cls(
+            workspace_values=workspace, deferred_bytes=DEFERRED_BYTES.get(kind, 0), compile=compile,
+            kernels=kernels or CompiledKernels(),
+        )
 
     def samples_per_chunk(self, values_per_sample: int) -> int:
         """How many samples a chunk of per-sample values may hold."""

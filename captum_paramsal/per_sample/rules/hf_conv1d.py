@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..call import CallInputs
 from ..grads import DenseGrad, LowRankGrad, PerSampleGrad, batched_product
 from ..registry import register_rule, register_units
+from .linear import compact_factors
 
 try:  # transformers is optional
     from transformers.pytorch_utils import Conv1D
@@ -72,8 +73,9 @@ def hf_conv1d_per_sample_grads(
     dy = grad_output.reshape(batch, -1, nf)
     grads: Dict[str, PerSampleGrad] = {}
     if "weight" in names:
-        x = activation.reshape(batch, 1, -1, nx)  # (B, 1, T, nx)
-        left = dy.transpose(1, 2).unsqueeze(1)  # (B, 1, nf, T)
+        live_dy, x = compact_factors(dy, activation.reshape(batch, -1, nx))  # the live positions only
+        x = x.unsqueeze(1)  # (B, 1, T, nx)
+        left = live_dy.transpose(1, 2).unsqueeze(1)  # (B, 1, nf, T)
         grads["weight"] = TransposedLowRankGrad(
             left, lambda start, stop: x[start:stop], module.weight.shape, row_grouping=output_feature_units
         )
