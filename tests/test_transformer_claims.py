@@ -107,10 +107,10 @@ def test_training_recreates_the_shipped_model(tmp_path, shipped):
     assert all(torch.equal(rebuilt[k], v) for k, v in shipped_model.state_dict().items())
     assert read_metadata(str(tmp_path / "colours_bert.safetensors")) == read_metadata()
     stats = SaliencyStats.load(str(tmp_path / "colours_bert_stats.safetensors"))
-    # the weights are bit for bit; the statistics are computed by the engine, whose exact results
-    # may differ in the last bits between versions (an equivalent order of operations)
-    assert torch.allclose(stats.mean, shipped_stats.mean, rtol=1e-9, atol=0)
-    assert torch.allclose(stats.std, shipped_stats.std, rtol=1e-9, atol=0)
+    # the weights are bit for bit; the statistics are the engine's float32 saliency, whose rounding
+    # may change between versions (an equivalent order of operations): to float32 precision
+    assert torch.allclose(stats.mean, shipped_stats.mean, rtol=1e-5, atol=0)
+    assert torch.allclose(stats.std, shipped_stats.std, rtol=1e-5, atol=0)
     assert not torch.are_deterministic_algorithms_enabled()  # the global setting is restored
     assert scores["seconds"] < 120
 
