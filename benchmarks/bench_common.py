@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import multiprocessing
 import platform
+import resource
 import shlex
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -149,3 +151,66 @@ def make_logger() -> Callable[[str], None]:
         print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
     return log
+
+
+def is_oom(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out (CPU or CUDA)."""
+    text = str(error).lower()
+    return (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in text
+            or "can't allocate" in text)
+
+
+def forked_peak_rss(
+    prepare: Callable[[], Union[str, Callable[[], Any]]], error_status: Callable[[BaseException], str]
+) -> Tuple[str, Optional[float]]:
+    """``(status, MiB)``: the peak RSS increase of one call, measured in a forked child process
+    (so that what the parent already holds does not count). In the child, ``prepare()`` builds
+    what the call needs and returns it (or a status to report instead, e.g. ``"n/a"``); the free
+    heap is released, and the call runs between two reads of the peak RSS. ``error_status``
+    turns an error in the child into its status ("OOM" when the kernel killed it silently)."""
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+
+    def child_main() -> None:
+        try:
+            call = prepare()
+            if isinstance(call, str):
+                sender.send((call, None))
+                return
+            release_free_heap()
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            call()
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            sender.send(("ok", (after - before) / 1024.0))  # ru_maxrss is in KiB on Linux
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            sender.send(("OOM" if is_oom(error) else error_status(error), None))
+        finally:
+            sender.close()
+
+    child = ctx.Process(target=child_main)
+    child.start()
+    sender.close()
+    message: Optional[Tuple[str, Optional[float]]] = None
+    try:
+        message = receiver.recv()
+    except EOFError:
+        pass
+    child.join()
+    if message is None:
+        # killed without a word: the kernel's OOM killer (SIGKILL) is the usual reason
+        return ("OOM" if child.exitcode == -9 else f"child died (exit code {child.exitcode})", None)
+    return message
+
+
+def cuda_peak_memory(call: Callable[[], Any], device: torch.device) -> float:
+    """Peak of allocated CUDA memory (MiB) during one ``call()``, above what was allocated before it."""
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = call()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak / 2**20

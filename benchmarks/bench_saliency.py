@@ -61,14 +61,12 @@ present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFO
 from __future__ import annotations
 
 import argparse
-import gc
 import math
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -79,7 +77,10 @@ from captum_paramsal import ParameterSaliency
 
 from bench_common import (
     build_torchvision_model,
+    cuda_peak_memory,
+    forked_peak_rss,
     interleaved_times,
+    is_oom,
     make_logger,
     print_report,
     release_free_heap,
@@ -267,11 +268,6 @@ RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
 }
 
 
-def is_oom(error: BaseException) -> bool:
-    text = str(error).lower()
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
-
-
 # ----------------------------------------------------------------------------------------------
 # Correctness
 # ----------------------------------------------------------------------------------------------
@@ -331,54 +327,16 @@ class CaseResult:
     note: str = ""
 
 
-def _child_peak_rss(conn, case: Case, quick: bool, vmap_chunk: Optional[int], method: str) -> None:  # noqa: ANN001
-    try:
-        setup = build_setup(case, "cpu", quick, vmap_chunk)
-        if method == "captum" and not captum_applies(setup):
-            conn.send(("n/a", None))
-            return
-        release_free_heap()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        RUNNERS[method](setup)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(("ok", (after - before) / 1024.0))  # ru_maxrss is in KiB on Linux
-    except BaseException as error:  # noqa: BLE001 - reported to the parent
-        conn.send(("OOM" if is_oom(error) else f"error: {type(error).__name__}: {error}"[:200], None))
-    finally:
-        conn.close()
-
-
 def cpu_peak_memory(case: Case, quick: bool, vmap_chunk: Optional[int], method: str) -> Tuple[str, Optional[float]]:
     """Peak RSS increase (MiB) of one call of ``method`` in a forked child process."""
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_peak_rss, args=(sender, case, quick, vmap_chunk, method))
-    child.start()
-    sender.close()
-    message: Optional[Tuple[str, Optional[float]]] = None
-    try:
-        message = receiver.recv()
-    except EOFError:
-        pass
-    child.join()
-    if message is None:
-        # killed without a word: the kernel's OOM killer (SIGKILL) is the usual reason
-        return ("OOM" if child.exitcode == -9 else f"child died (exit code {child.exitcode})", None)
-    return message
 
+    def prepare():
+        setup = build_setup(case, "cpu", quick, vmap_chunk)
+        if method == "captum" and not captum_applies(setup):
+            return "n/a"
+        return lambda: RUNNERS[method](setup)
 
-def cuda_peak_memory(setup: Setup, method: str) -> float:
-    """Peak of allocated CUDA memory (MiB) during one call, above what was allocated before it."""
-    gc.collect()
-    torch.cuda.synchronize(setup.device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(setup.device)
-    torch.cuda.reset_peak_memory_stats(setup.device)
-    out = RUNNERS[method](setup)
-    torch.cuda.synchronize(setup.device)
-    peak = torch.cuda.max_memory_allocated(setup.device) - base
-    del out
-    return peak / 2**20
+    return forked_peak_rss(prepare, lambda error: f"error: {type(error).__name__}: {error}"[:200])
 
 
 def measure_case(
@@ -438,7 +396,7 @@ def measure_case(
         for method in active:
             log(f"  {result.case.name}: CUDA peak memory of {method}")
             try:
-                methods[method].peak_mib = cuda_peak_memory(setup, method)
+                methods[method].peak_mib = cuda_peak_memory(partial(RUNNERS[method], setup), setup.device)
             except Exception as error:  # noqa: BLE001
                 if not is_oom(error) or method in ("engine", "fwd+bwd"):
                     raise

@@ -79,12 +79,11 @@ import copy
 import gc
 import importlib.util
 import math
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -95,7 +94,16 @@ from captum_paramsal import ParameterSaliency
 from captum_paramsal.per_sample import compiled as compiled_kernels
 from captum_paramsal.per_sample import policy
 
-from bench_common import interleaved_times, make_logger, print_report, release_free_heap, sync
+from bench_common import (
+    cuda_peak_memory,
+    forked_peak_rss,
+    interleaved_times,
+    is_oom,
+    make_logger,
+    print_report,
+    release_free_heap,
+    sync,
+)
 
 METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "rms", "compiled", "naive", "vmap", "opacus", "backpack")
 PEERS = ("vmap", "opacus", "backpack")
@@ -427,12 +435,6 @@ def installed(method: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
-def is_oom(error: BaseException) -> bool:
-    return isinstance(error, MemoryError) or "out of memory" in str(error).lower() or (
-        hasattr(torch, "OutOfMemoryError") and isinstance(error, torch.OutOfMemoryError)
-    )
-
-
 def short_reason(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text}"[:110]
@@ -487,54 +489,19 @@ class CaseResult:
     notes: List[str] = field(default_factory=list)
 
 
-def _child_peak_rss(conn, case: Case, args: argparse.Namespace, method: str) -> None:  # noqa: ANN001
-    try:
+def cpu_peak_memory(case: Case, args: argparse.Namespace, method: str) -> Tuple[str, Optional[float]]:
+    """Peak RSS increase (MiB) of one call of ``method`` in a forked child process."""
+
+    def prepare():
         torch.set_num_threads(args.threads or torch.get_num_threads())
         if args.workspace_values:
             policy.WORKSPACE_VALUES["cpu"] = args.workspace_values
         setup = build_setup(case, "cpu", args)
         if method in PACKAGES:  # the peers' model copies are set-up, not part of the call
             RUNNERS[method](setup)
-        release_free_heap()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        RUNNERS[method](setup)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        conn.send(("ok", (after - before) / 1024.0))
-    except BaseException as error:  # noqa: BLE001 - reported to the parent
-        conn.send(("OOM" if is_oom(error) else f"does not run: {short_reason(error)}", None))
-    finally:
-        conn.close()
+        return lambda: RUNNERS[method](setup)
 
-
-def cpu_peak_memory(case: Case, args: argparse.Namespace, method: str) -> Tuple[str, Optional[float]]:
-    """Peak RSS increase (MiB) of one call of ``method`` in a forked child process."""
-    ctx = multiprocessing.get_context("fork")
-    receiver, sender = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child_peak_rss, args=(sender, case, args, method))
-    child.start()
-    sender.close()
-    message = None
-    try:
-        message = receiver.recv()
-    except EOFError:
-        pass
-    child.join()
-    if message is None:
-        return ("OOM" if child.exitcode == -9 else f"child died (exit code {child.exitcode})", None)
-    return message
-
-
-def cuda_peak_memory(setup: Setup, method: str) -> float:
-    gc.collect()
-    torch.cuda.synchronize(setup.device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(setup.device)
-    torch.cuda.reset_peak_memory_stats(setup.device)
-    out = RUNNERS[method](setup)
-    torch.cuda.synchronize(setup.device)
-    peak = torch.cuda.max_memory_allocated(setup.device) - base
-    del out
-    return peak / 2**20
+    return forked_peak_rss(prepare, lambda error: f"does not run: {short_reason(error)}")
 
 
 def measure_case(result: CaseResult, setup: Setup, reps: int, tolerance: float, log: Callable[[str], None],
@@ -590,7 +557,7 @@ def measure_case(result: CaseResult, setup: Setup, reps: int, tolerance: float, 
         for method in active:
             log(f"  {name}: CUDA peak memory of {method}")
             try:
-                methods[method].peak_mib = cuda_peak_memory(setup, method)
+                methods[method].peak_mib = cuda_peak_memory(partial(RUNNERS[method], setup), setup.device)
             except Exception as error:  # noqa: BLE001
                 if not is_oom(error) or method not in PEERS:
                     raise
