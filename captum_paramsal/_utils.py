@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import weakref
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
@@ -101,19 +103,44 @@ def check_device(
 
 
 def check_internal_batch_size(internal_batch_size: Optional[int]) -> None:
-    if internal_batch_size is not None and (
-        not isinstance(internal_batch_size, int) or internal_batch_size < 1
+    """``internal_batch_size`` is None or a positive int (a NumPy integer too; not a bool,
+    which Python counts as an int: ``True`` would silently mean chunks of one sample)."""
+    if internal_batch_size is None:
+        return
+    import numbers  # NumPy's integers are Integral; its bool_ is not
+
+    if (
+        isinstance(internal_batch_size, bool)
+        or not isinstance(internal_batch_size, numbers.Integral)
+        or internal_batch_size < 1
     ):
         raise ValueError(f"internal_batch_size must be a positive int or None, got {internal_batch_size!r}")
 
 
-def normalize_target(target: TargetType, batch: int, device: torch.device) -> Optional[Tensor]:
-    """``target`` as one entry per sample on ``device`` (None stays None: predicted class)."""
+def normalize_target(
+    target: TargetType, batch: int, device: torch.device, class_labels: bool = False
+) -> Optional[Tensor]:
+    """``target`` as one entry per sample on ``device`` (None stays None: predicted class).
+
+    ``class_labels``: the target feeds the default cross-entropy loss, so it must be one
+    integer class label per sample, shape ``(batch,)``; labels of any integer dtype (int32,
+    int16, uint8, ...) come back as int64. A ``(batch, 1)`` target is refused rather than
+    guessed at. Without it (a custom ``loss_fn``), the target keeps its dtype and shape (token
+    ids ``(B, T)``, regression targets ``(B, ...)``), only its first dimension is checked.
+    """
+    import operator
+
     if target is None:
         return None
     if isinstance(target, bool):
         raise TypeError("target must be an int, a sequence of ints or a Tensor, not a bool")
-    if isinstance(target, int):
+    if not isinstance(target, (Tensor, list, range, tuple)):
+        try:
+            target = operator.index(target)  # an int, a NumPy integer
+        except TypeError:
+            raise TypeError(
+                f"target must be an int, a list of ints or a Tensor, got {type(target).__name__}"
+            ) from None
         return torch.full((batch,), target, dtype=torch.long, device=device)
     if isinstance(target, tuple):
         raise TypeError(
@@ -121,13 +148,27 @@ def normalize_target(target: TargetType, batch: int, device: torch.device) -> Op
             "loss does not take. Pass a list or a Tensor with one label per sample."
         )
     if isinstance(target, (list, range)):
-        target = torch.as_tensor(list(target))
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be an int, a list of ints or a Tensor, got {type(target).__name__}")
+        try:
+            target = torch.as_tensor(list(target))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"target must be an int, a list of ints or a Tensor; that list is not: {error}") from None
     if target.dim() == 0:
         target = target.expand(batch)
     if target.shape[0] != batch:
         raise ValueError(f"target has {target.shape[0]} entries for {batch} samples; give one label per sample")
+    if class_labels:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"target: class labels must be integers (any integer dtype) for the default cross-entropy "
+                f"loss, got dtype {target.dtype}; pass a loss_fn for other targets"
+            )
+        if target.dim() != 1:
+            raise ValueError(
+                f"target has shape {tuple(target.shape)}, but the default cross-entropy loss takes one class "
+                f"label per sample, shape ({batch},): pass target.reshape(-1) if that is what it holds, or a "
+                "loss_fn for other targets"
+            )
+        target = target.long()
     return target.to(device)
 
 
@@ -144,7 +185,12 @@ def label_resolver(target: Optional[Tensor], check_classes: bool) -> Callable[[T
             return output.argmax(dim=1)
         if check_classes:
             if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-                raise TypeError(f"class labels must be integers, got dtype {target.dtype}")
+                raise TypeError(f"target: class labels must be integers, got dtype {target.dtype}")
+            if target.dim() != 1:
+                raise ValueError(
+                    f"target has shape {tuple(target.shape)}, but the default cross-entropy loss takes one "
+                    f"class label per sample, shape ({target.shape[0]},)"
+                )
             if output.dim() != 2:
                 raise ValueError(
                     f"the default cross-entropy loss needs (batch, classes) outputs; the model returned "
@@ -155,21 +201,40 @@ def label_resolver(target: Optional[Tensor], check_classes: bool) -> Callable[[T
             if low < 0 or high >= classes:
                 bad = low if low < 0 else high
                 raise ValueError(f"label {bad} is out of range for a model with {classes} classes (0..{classes - 1})")
+            return target.long()  # any integer dtype is a class label
         return target
 
     return resolve
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The lock that serializes this library's calls on ``model`` (re-entrant: a call may call
+    another). Calls on different models run in parallel."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; every submodule's own ``training`` flag restored on exit, also on error."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+    """Eval mode inside; every submodule's own ``training`` flag restored on exit, also on error.
+
+    Holds :func:`model_lock` throughout: two threads using one model would otherwise see each
+    other's hooks and modes (one saving the flags the other had just set to eval)."""
+    with model_lock(model):
+        modes = [(module, module.training) for module in model.modules()]
+        try:
+            model.eval()
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
 
 
 def model_device(params: Sequence[nn.Parameter]) -> torch.device:
@@ -183,23 +248,48 @@ def atomic_write(path: Union[str, os.PathLike], payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file beside it, fsync, rename.
 
     A reader never sees a half-written file, and an interrupted write leaves the old one.
-    The file gets the usual permissions (``0666`` less the umask), not mkstemp's ``0600``.
+    A symbolic link is written through: the file it names (at the end of a chain of links)
+    is replaced, beside itself, and the link stays a link. An existing file keeps its
+    permission bits; a new one gets the usual ``0666`` less the umask, not mkstemp's
+    ``0600``. A read-only file (no write permission for anyone, or none for this process)
+    is refused with a ``PermissionError`` naming it, and so is a directory
+    (``IsADirectoryError``); nothing is written then. (The rename gives the file a new
+    inode: other hard links to it keep the old content.)
     """
     import os
+    import stat
     import tempfile
 
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    target = os.path.realpath(path)  # through every link; a dangling link's target is created
+    try:
+        existing = os.stat(target)
+    except FileNotFoundError:
+        existing = None
+    if existing is not None:
+        if stat.S_ISDIR(existing.st_mode):
+            raise IsADirectoryError(f"cannot write {path}: it is a directory")
+        if not existing.st_mode & 0o222 or not os.access(target, os.W_OK):
+            shown = path if target == os.path.abspath(path) else f"{path} (a link to {target})"
+            raise PermissionError(
+                f"cannot write {shown}: the file is read-only (mode {stat.S_IMODE(existing.st_mode):04o}); "
+                "make it writable or write elsewhere"
+            )
+    directory = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(prefix=".captum-paramsal-", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if existing is not None:
+            mode = stat.S_IMODE(existing.st_mode)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -32,8 +32,39 @@ def _read_rgb(path: str):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except Image.DecompressionBombError:
+        # refused, not read: PIL's limit guards memory against a small file of huge declared size
+        size = _declared_size(path)
+        shape = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "more pixels than that"
+        raise ValueError(
+            f"image {path} is too large to read: {shape} ({os.path.getsize(path):,} bytes on disk), "
+            f"over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def _declared_size(path: str) -> Optional[Tuple[int, int]]:
+    """The (width, height) an image file's header declares, read without decoding its pixels
+    and without PIL's decompression-bomb check (None when no PIL format reads the header)."""
+    from PIL import Image
+
+    Image.init()
+    try:
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for format_id in Image.ID:
+                factory, accept = Image.OPEN[format_id]
+                if accept is not None and not accept(prefix):
+                    continue
+                fp.seek(0)
+                try:
+                    return tuple(factory(fp, path).size)
+                except Exception:  # not this format
+                    continue
+    except OSError:
+        pass
+    return None
 
 
 def image_folder(root: str, image_size: int = 224, transform: Optional[Callable[[Any], Tensor]] = None) -> Dataset:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import SaliencyLayout
-from .per_sample.selection import SelectedParameter
+from .per_sample.selection import SelectedParameter, wrapper_prefix
 from .units import Unit, Units, resolve_entries, resolve_units
 
 __all__ = [
@@ -70,9 +70,11 @@ def swapped_parameters(model: nn.Module, values: Mapping[str, Tensor]) -> Iterat
     the original storage is never written to, so putting it back restores the values bit for
     bit (and leaves the parameter's version counter as it was). Inside, each parameter holds a
     fresh copy of its value, converted to the parameter's dtype and device and laid out like
-    the parameter (a ``channels_last`` weight stays ``channels_last``); changing the model in
-    the block (an optimizer step, say) never writes the tensors you passed, and changing those
-    never writes the model. Nested blocks restore in order.
+    the parameter (a ``channels_last`` weight stays ``channels_last``, a transposed one keeps
+    its strides; one whose strides leave gaps, a slice of a larger tensor, gets a dense copy),
+    and on exit the parameter has its own storage, strides and memory format back. Changing
+    the model in the block (an optimizer step, say) never writes the tensors you passed, and
+    changing those never writes the model. Nested blocks restore in order.
 
     Everything is checked before anything is swapped, so a bad entry leaves the model as it
     was. Note: a tensor that shares the parameter's storage without being the parameter (a
@@ -82,7 +84,9 @@ def swapped_parameters(model: nn.Module, values: Mapping[str, Tensor]) -> Iterat
     Args:
         model: the network.
         values: ``{parameter name: new value}``, names as in ``model.named_parameters()`` (an
-            alias of a tied parameter works too), each value a tensor of the parameter's shape.
+            alias of a tied parameter works too, and a wrapped model's parameter may be named
+            without the wrapper's prefix, as ``params=`` takes it), each value a tensor of the
+            parameter's shape.
 
     Yields:
         ``model``.
@@ -122,12 +126,15 @@ def _checked_swaps(model: nn.Module, values: Mapping[str, Tensor]) -> List[Tuple
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(values, Mapping):
         raise TypeError(f"values must be a mapping {{parameter name: tensor}}, got {type(values).__name__}")
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied weight's aliases too
+    prefix = wrapper_prefix(model)
     swaps: List[Tuple[nn.Parameter, Tensor]] = []
     named: Dict[int, str] = {}
     for name, value in values.items():
         if not isinstance(name, str):
             raise TypeError(f"values must be keyed by parameter names (str), got the key {name!r}")
+        if name not in params and prefix and prefix + name in params:  # named without the wrapper, as params= takes it
+            name = prefix + name
         if name not in params:
             raise ValueError(_unknown_parameter(model, name, params))
         param = params[name]
@@ -324,7 +331,7 @@ def perturb(
     """
     if noise not in NOISES:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
-    if not isinstance(scale, (int, float)) or not scale >= 0:
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale >= 0:
         raise ValueError(f"scale must be a non-negative number, got {scale!r}")
     generator = torch.Generator()
     if seed is not None:

@@ -49,7 +49,8 @@ Examples::
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import hashlib
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +67,7 @@ __all__ = [
     "MaskedLM",
     "MeanSquaredError",
     "causal_lm_labels",
+    "loss_name",
 ]
 
 #: the label of a position that has no loss (Hugging Face's and PyTorch's ``ignore_index``)
@@ -611,3 +613,92 @@ class BCEWithLogits:
             raise ValueError(f"{name}: target values must lie in [0, 1] (labels or probabilities)")
         per_label = F.binary_cross_entropy_with_logits(outputs, target.to(outputs.dtype), reduction="none")
         return per_label.mean(dim=1) if self.reduction == "mean" else per_label.sum(dim=1)
+
+
+# -- what statistics record a loss as ------------------------------------------------------------
+
+
+def loss_name(fn: Callable) -> str:
+    """What statistics record ``fn`` as (their fingerprint includes it; another name is refused).
+
+    A loss object's own ``loss_name`` (the families above name their options there); else the
+    callable's dotted name, ``"module.qualname"``. An anonymous loss, a lambda or a function
+    (or a callable class) defined in a local scope (``<lambda>`` or ``<locals>`` in its
+    qualname), gets ``@`` and a digest of its code after the name: its bytecode, constants and
+    names (nested code objects included), its defaults and the values its closure captured
+    (numbers, strings, tensors by value; other objects by their type), and a callable object's
+    attributes alike. Two different lambdas
+    then differ, and the same lambda matches in another process (of the same Python).
+
+    Examples::
+
+        >>> loss_name(CausalLM())
+        "causal_lm(reduction='sum')"
+        >>> loss_name(my_module.focal_loss)
+        'my_module.focal_loss'
+        >>> loss_name(lambda out, y: F.cross_entropy(out, y, reduction="none"))
+        '__main__.<lambda>@6f0c2e8d1a9b'
+    """
+    named = getattr(fn, "loss_name", None)
+    if isinstance(named, str) and named:
+        return named
+    module = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    dotted = f"{module}.{name}" if module else name
+    if "<lambda>" not in name and "<locals>" not in name:
+        return dotted
+    instance = not hasattr(fn, "__code__")  # a callable object of a class defined locally
+    function = type(fn).__call__ if instance else fn
+    if getattr(function, "__code__", None) is None:
+        return dotted
+    h = hashlib.sha256()
+    _hash_code(h, function.__code__)
+    if instance:  # its options
+        for key, value in sorted(getattr(fn, "__dict__", {}).items()):
+            h.update(key.encode())
+            _hash_value(h, value)
+    for value in (function.__defaults__ or ()):
+        _hash_value(h, value)
+    for key, value in sorted((function.__kwdefaults__ or {}).items()):
+        h.update(key.encode())
+        _hash_value(h, value)
+    for cell in function.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            value = None
+        _hash_value(h, value)
+    return f"{dotted}@{h.hexdigest()[:12]}"
+
+
+def _hash_code(h: Any, code: Any) -> None:
+    """Feed a code object's bytecode, constants (recursively) and names: the same source
+    compiled in another process gives the same bytes."""
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_freevars, code.co_argcount, code.co_kwonlyargcount)).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(h, const)
+        else:
+            _hash_value(h, const)
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """Feed a value in a form that does not depend on the process (no ids, no set order)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+    elif isinstance(value, (tuple, list)):
+        h.update(f"{type(value).__name__}[{len(value)}](".encode())
+        for item in value:
+            _hash_value(h, item)
+        h.update(b")")
+    elif isinstance(value, (frozenset, set)):
+        h.update(f"{type(value).__name__}:{sorted(repr(item) for item in value)!r};".encode())
+    elif isinstance(value, Tensor):
+        data = value.detach().cpu().contiguous()
+        h.update(f"tensor:{data.dtype}:{tuple(data.shape)}:".encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    elif callable(value) and hasattr(value, "__qualname__"):
+        h.update(f"callable:{getattr(value, '__module__', '')}.{value.__qualname__};".encode())
+    else:
+        h.update(f"object:{type(value).__module__}.{type(value).__qualname__};".encode())

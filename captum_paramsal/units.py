@@ -111,9 +111,10 @@ def resolve_units(
     (what ``ParameterSaliency(model).layout`` is: every Conv, ConvTranspose and Linear weight),
     built only when a column is given. Pairs and ``UnitScore`` name parameters of ``model``
     directly, with or without a layout: the name must be one of ``model.named_parameters()``
-    (an alias of a tied parameter is read as the parameter's own name), with a "did you mean"
-    hint otherwise, and the index must be below the parameter's number of units (as the
-    saliency counts them).
+    (an alias of a tied parameter is read as the parameter's own name; a wrapped model's
+    parameter may be named without the wrapper's prefix, as ``params=`` takes it), with a
+    "did you mean" hint otherwise, and the index must be below the parameter's number of
+    units (as the saliency counts them).
 
     Order: parameters in ``model.named_parameters()`` order, each one's indices sorted, a unit
     named twice kept once. An empty collection gives ``{}``.
@@ -217,13 +218,20 @@ def resolve_entries(
 
 def _resolve(model: nn.Module, units: Units, layout: Optional[SaliencyLayout]):
     """``(rows {param: sorted indices}, groups [(group, index, unit as given)])`` of ``units``."""
-    from .per_sample.selection import select_parameters
+    from .per_sample.selection import select_parameters, wrapper_prefix
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if layout is not None and not isinstance(layout, SaliencyLayout):
         raise TypeError(f"layout must be a SaliencyLayout or None, got {type(layout).__name__}")
+    # every name of every parameter (a tied weight's aliases too), and, as select_parameters
+    # (so ParameterSaliency's params=) reads them, the names of a wrapped model's parameters
+    # without the wrapper's prefix (DataParallel's "module.", torch.compile's "_orig_mod.")
     aliases = dict(model.named_parameters(remove_duplicate=False))
+    prefix = wrapper_prefix(model)
+    if prefix:
+        aliases.update({name[len(prefix):]: p for name, p in aliases.items()
+                        if name.startswith(prefix) and name[len(prefix):] not in aliases})
     canonical = {id(param): name for name, param in model.named_parameters()}
     wanted: Dict[str, List[Tuple[int, Any]]] = {}  # canonical name -> [(index, the unit as given)]
     groups: List[Tuple[Any, int, Any]] = []
@@ -251,6 +259,8 @@ def _resolve(model: nn.Module, units: Units, layout: Optional[SaliencyLayout]):
                 if model_groups is None:
                     model_groups = _model_groups(model)
                 group = model_groups.get(name)
+                if group is None and prefix:
+                    group = model_groups.get(prefix + name)
                 if group is None:
                     known = list(aliases) + list(model_groups)
                     raise ValueError(
@@ -384,7 +394,10 @@ def _pair_of(unit: Any) -> Tuple[str, int]:
     else:
         raise TypeError(_not_a_unit(unit))
     if not _is_column(index):
-        raise TypeError(f"unit {_show(unit)}: the unit index must be an int, got {type(index).__name__}")
+        raise TypeError(
+            f"unit {_show(unit)} in units: the unit index must be an int, got {type(index).__name__} {index!r} "
+            "(an int, a NumPy integer or a 0-d integer tensor; not a bool, nor a float even if whole)"
+        )
     return name, _as_int(index)
 
 
@@ -418,6 +431,11 @@ def _not_a_unit(unit: Any) -> str:
         return (
             f"a unit is {_FORMS}; got a tensor of dtype {unit.dtype} and shape {tuple(unit.shape)} "
             "(a column as a tensor must be a 0-d integer tensor)"
+        )
+    if isinstance(unit, (float, bool)) or (type(unit).__module__ == "numpy" and getattr(unit, "ndim", 1) == 0):
+        return (
+            f"a unit is {_FORMS}, got {type(unit).__name__} {unit!r} (a layout column is an int: not a bool, "
+            "nor a float even if whole)"
         )
     return f"a unit is {_FORMS}, got {unit!r}"
 

@@ -60,6 +60,10 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
     Args:
         model: the network, ``(B, classes)`` outputs for the default loss.
         stats: reference :class:`SaliencyStats`; without them the raw profile is used.
+            Checked as in :class:`ParameterSaliency`: statistics of another layout,
+            reduction, loss or other weights are refused.
+        check_weights: as in :class:`ParameterSaliency`: False accepts statistics fitted on
+            other weights (a fine-tuned model). Left out with ``parameter_saliency=``.
         k: how many top units to boost (default 10).
         boost_factor: the factor for the chosen units (default 100; must be > 0).
         loss_fn, params, reduction, fallback_chunk_size, compile_kernels, output_fn: as in
@@ -124,11 +128,13 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         layer: Optional[nn.Module] = None,
         units: UnitsSpec = "rows",
+        check_weights: bool = True,
     ) -> None:
         if parameter_saliency is None:
             # the saliency that picks the units, with its statistics checked against its layout
             parameter_saliency = ParameterSaliency(
-                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels, output_fn, units=units
+                model, params, loss_fn, reduction, fallback_chunk_size, stats, compile_kernels, output_fn, units=units,
+                check_weights=check_weights,
             )
             super().__init__(model, share=parameter_saliency)
         else:
@@ -138,6 +144,8 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 )
             if stats is not None:
                 raise ValueError("with parameter_saliency=, the statistics are its own: leave stats out")
+            if check_weights is not True:
+                raise ValueError("with parameter_saliency=, its check_weights applies: leave check_weights out")
             super().__init__(
                 model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, share=parameter_saliency,
                 output_fn=output_fn, units=units,
@@ -262,12 +270,13 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 chunk_units = None if per_sample_units is None else per_sample_units[start : start + run.batch]
 
                 def weights_of(saliency: Tensor, chunk_units=chunk_units) -> Tensor:
-                    profile = stats.standardize(saliency) if stats is not None else saliency
+                    # z in float64, as ParameterSaliency gives it (a float32 s - mean cancels)
+                    profile = stats.standardize(saliency.to(torch.float64)) if stats is not None else saliency
                     mask = self._unit_mask(profile, chunk_units, random_units, generator)
                     weights = boosting_weights(profile, mask, self.boost_factor)
                     if stats is not None:  # z is affine in s: dO/ds = dO/dz / std'
                         weights = stats.standardize(weights + stats.mean.to(weights))
-                    return weights
+                    return weights.to(saliency.dtype)
 
                 # the weights are on the layout's columns; the pass needs them on the engine's slices
                 on_slices = self._plan.slice_weights(weights_of, self._reduction)

@@ -12,7 +12,7 @@ from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..data import labelled_batches
 from ..per_sample import unit_saliency
 from ..saliency_profile import SaliencyProfile
-from ..stats import SaliencyStats, layout_fingerprint
+from ..stats import SaliencyStats, layout_fingerprint, weights_digest
 from ..unit_schemes import UnitsSpec
 from .parameter_space_attribution import ParameterSpaceAttribution, PreparedBatch
 
@@ -58,7 +58,10 @@ class ParameterSaliency(ParameterSpaceAttribution):
         stats: reference :class:`SaliencyStats` (from :meth:`fit_stats` or
             ``SaliencyStats.load``); when given, :meth:`attribute` returns
             standardized saliency ``z = (s - mean) / std`` per unit. Statistics of
-            another layout, reduction or loss are refused.
+            another layout, reduction or loss are refused, and so are statistics fitted on
+            other weights (their :attr:`~SaliencyStats.weights_digest` is not this model's
+            :meth:`weights_digest`), when they are given or assigned to :attr:`stats`;
+            changing the weights afterwards (``turn_off``, ``boost``) is not checked.
         compile_kernels: reduce the layers whose per-sample gradient has rank 2 to
             16 (a convolution with few output positions, a Linear over a short
             sequence) with kernels compiled by ``torch.compile``, which never write
@@ -77,6 +80,11 @@ class ParameterSaliency(ParameterSpaceAttribution):
             it), ``"neurons"`` (an MLP neuron: its up/gate rows and its down projection's
             column), several (``("heads", "neurons")``), or ``{module name prefix: scheme}``.
             Selected parameters outside every head or neuron stay rows.
+        check_weights: refuse statistics fitted on other weights (default True). False is the
+            opt-out for a model whose weights differ on purpose, a fine-tuned model standardized
+            by its base model's statistics; it also silences the warning about statistics that
+            do not know their weights (a file of format 1). Kept as :attr:`check_weights`, read
+            each time :attr:`stats` is assigned. Layout, reduction and loss are always checked.
 
     Attributes:
         layout (SaliencyLayout): the columns of the result: one entry per
@@ -117,6 +125,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         compile_kernels: bool = False,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         units: UnitsSpec = "rows",
+        check_weights: bool = True,
     ) -> None:
         super().__init__(
             model, params, loss_fn, reduction, fallback_chunk_size, compile_kernels, output_fn=output_fn, units=units
@@ -124,6 +133,9 @@ class ParameterSaliency(ParameterSpaceAttribution):
         # statistics are keyed by the parameters' identity: their names without what wraps the
         # model, so that statistics of a bare model standardize it inside DataParallel and back
         self.fingerprint = layout_fingerprint(self._identity_layout, self.reduction, self.loss_name)
+        if not isinstance(check_weights, bool):
+            raise TypeError(f"check_weights must be a bool, got {check_weights!r}")
+        self.check_weights = check_weights
         self.stats = stats
 
     @property
@@ -136,7 +148,19 @@ class ParameterSaliency(ParameterSpaceAttribution):
             if not isinstance(stats, SaliencyStats):
                 raise TypeError(f"stats must be SaliencyStats or None, got {type(stats).__name__}")
             stats.check_compatible(self.fingerprint, what="this ParameterSaliency's profiles")
+            if self.check_weights:  # at assignment only: an intervention later changes weights on purpose
+                stats.check_weights_digest(self.weights_digest(), what="this model")
         self._stats = stats
+
+    def weights_digest(self) -> str:
+        """SHA-256 of the selected parameters' current values (:func:`~captum_paramsal.stats.weights_digest`,
+        in the order of the layout, names without what wraps the model): what :meth:`fit_stats`
+        records and what assigning :attr:`stats` compares."""
+        prefix = self._selection.wrapper_prefix
+        return weights_digest(
+            (p.name[len(prefix):] if prefix and p.name.startswith(prefix) else p.name, p.param)
+            for p in self._selection.params
+        )
 
     @log_usage()
     def attribute(
@@ -167,12 +191,16 @@ class ParameterSaliency(ParameterSpaceAttribution):
 
         Returns:
             ``(B, F)`` saliency, columns as in :attr:`layout`; a 1-tuple holding
-            it when ``inputs`` is a tuple.
+            it when ``inputs`` is a tuple. Raw saliency has the model's dtype; z-scores are
+            float64 (the statistics' precision) whatever the model's: a confidently right
+            sample has tiny gradients, so ``s - mean`` is nearly ``-mean`` for all such
+            samples, and what tells them apart (their nearest neighbours) would not survive
+            the subtraction in float32.
         """
         prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
         saliency = self._raw_saliency(prepared, internal_batch_size)
         if standardize and self._stats is not None:
-            saliency = self._stats.standardize(saliency)
+            saliency = self._stats.standardize(saliency.to(torch.float64))  # float64: see "Returns"
         return (saliency,) if prepared.is_tuple else saliency
 
     def _raw_saliency(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Tensor:
@@ -194,7 +222,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         values = self._raw_saliency(prepared, internal_batch_size)
         standardized = standardize and self._stats is not None
         if standardized:
-            values = self._stats.standardize(values)
+            values = self._stats.standardize(values.to(torch.float64))  # float64, as in attribute
         return SaliencyProfile(values.detach(), self.layout, standardized, self.reduction)
 
     def fit_stats(
@@ -227,8 +255,9 @@ class ParameterSaliency(ParameterSpaceAttribution):
                 statistics of the whole set.
 
         Returns:
-            :class:`SaliencyStats` (float64 Welford/Chan accumulation). It does not
-            set :attr:`stats`; assign it to standardize.
+            :class:`SaliencyStats` (float64 Welford/Chan accumulation) that record the
+            :meth:`weights_digest` of the weights they were fitted on. It does not set
+            :attr:`stats`; assign it to standardize.
         """
         import torch.distributed as dist
 
@@ -245,7 +274,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
             class_labels=self._default_loss,
             keyword_inputs=True,
         )
-        stats = SaliencyStats.empty(self._identity_layout, self.reduction, self.loss_name)
+        stats = SaliencyStats.empty(self._identity_layout, self.reduction, self.loss_name, self.weights_digest())
         for inputs_tuple, labels, keyword in batches:
             prepared = self._prepare(inputs_tuple, labels, keyword or None, internal_batch_size, inputs_checked=True)
             stats.partial_fit(self._raw_saliency(prepared, internal_batch_size))

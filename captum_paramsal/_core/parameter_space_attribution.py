@@ -225,7 +225,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         check_internal_batch_size(internal_batch_size)
         device = self._device()
         check_device(inputs_tuple, extra, device, keyword)
-        labels = normalize_target(target, inputs_tuple[0].shape[0], device)
+        labels = normalize_target(target, inputs_tuple[0].shape[0], device, class_labels=self._default_loss)
         return PreparedBatch(inputs_tuple, extra, labels, is_tuple, keyword)
 
     def _passes(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Iterator[SaliencyPass]:
@@ -286,10 +286,8 @@ def _warn_slow_path(slow: Sequence[Tuple[str, str]], what: str) -> None:
 
 def _callable_name(fn: Callable) -> str:
     """What statistics record the loss as: a loss object's own ``loss_name`` (the loss families of
-    :mod:`captum_paramsal.losses` name their options there), else the callable's dotted name."""
-    named = getattr(fn, "loss_name", None)
-    if isinstance(named, str) and named:
-        return named
-    module = getattr(fn, "__module__", None) or ""
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{module}.{name}" if module else name
+    :mod:`captum_paramsal.losses` name their options there), else the callable's dotted name
+    (with a digest of its code for a lambda or a local function): :func:`captum_paramsal.losses.loss_name`."""
+    from ..losses import loss_name
+
+    return loss_name(fn)

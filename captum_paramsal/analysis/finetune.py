@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 from .._utils import evaluation_mode
 from ..interventions import swapped_parameters
 from ..saliency_profile import UnitScore
-from ..units import Units, iter_units, resolve_columns, resolve_entries
+from ..units import Units, _is_column, _is_pair, _not_a_unit, _pair_of, iter_units, resolve_columns, resolve_entries
 
 if TYPE_CHECKING:
     from .._core.parameter_saliency import ParameterSaliency
@@ -86,14 +88,16 @@ def _named_units(units: Units, ps: ParameterSaliency) -> List[Tuple[str, int]]:
     layout order where the layout has them (parameters outside it after, as given)."""
     pairs: List[Tuple[str, int]] = []
     for unit in iter_units(units):
-        if isinstance(unit, UnitScore):
-            pair = (unit.param, int(unit.unit))
-        elif isinstance(unit, (tuple, list)) and len(unit) == 2 and isinstance(unit[0], str):
-            pair = (unit[0], unit[1])
-        else:
+        if isinstance(unit, UnitScore) or _is_pair(unit):
+            pair = _pair_of(unit)  # the index checked to be an int (no float, no bool) and made one
+        elif _is_column(unit):
             pair = ps.layout.unit_of(resolve_columns(unit, ps.layout)[0])
+        else:
+            raise TypeError(f"units: {_not_a_unit(unit)}")
         if pair not in pairs:
             pairs.append(pair)
+    if not pairs:
+        raise ValueError("units is empty: give at least one unit to fine-tune (or units=None for the top-k)")
     layout = ps.layout
 
     def place(pair: Tuple[str, int]) -> Tuple[int, int]:
@@ -103,6 +107,18 @@ def _named_units(units: Units, ps: ParameterSaliency) -> List[Tuple[str, int]]:
         return (1, 0)
 
     return sorted(pairs, key=place)
+
+
+def _check_label(logits: Tensor, y: Tensor) -> None:
+    """The fine-tuning's cross-entropy needs ``(1, classes)`` logits and ``y`` among the classes."""
+    needs = "finetune_salient needs a model that returns (1, classes) logits"
+    if not isinstance(logits, Tensor):
+        raise ValueError(f"{needs}, got a {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{needs}, got shape {tuple(logits.shape)}")
+    classes = logits.shape[1]
+    if not 0 <= int(y[0]) < classes:
+        raise ValueError(f"y={int(y[0])} is out of range for a model with {classes} classes (0..{classes - 1})")
 
 
 def _top_units(ps: ParameterSaliency, x: Tensor, y: Tensor, k: int) -> List[Tuple[str, int]]:
@@ -137,16 +153,23 @@ def finetune_salient(
         model: the network ``ps`` explains; it is never changed (a copy is trained).
         ps: a :class:`~captum_paramsal.ParameterSaliency` of ``model``.
         x: one sample, with its batch dimension (``(1, ...)``).
-        y: its true label (an int or a one-element tensor).
-        k: how many of the most salient units to update.
-        lr: the step size.
-        max_steps: at most this many steps.
+        y: its true label (an int, or a one-element tensor of any integer dtype).
+        k: how many of the most salient units to update (a positive int).
+        lr: the step size (a finite number > 0).
+        max_steps: at most this many steps (a positive int).
         units: the units to update instead of the top-``k`` by ``ps``'s (standardized)
             saliency at the true label, in any form of :mod:`captum_paramsal.units`
-            (columns are read in ``ps.layout``).
+            (columns are read in ``ps.layout``); at least one.
 
     Returns:
         :class:`FineTuneResult`; ``with result.applied(model): ...`` runs the fine-tuned model.
+
+    Raises:
+        TypeError: a unit in none of the forms or with an index that is no int (a float, even
+            ``2.0``, or a bool), or ``y`` that is no integer label.
+        ValueError: ``x`` that is not one sample, ``k``, ``lr`` or ``max_steps`` out of what is
+            allowed, empty ``units``, a unit the model does not have, ``y`` outside the model's
+            classes, or ``ps`` of another model. The model is left as it was.
 
     Examples::
 
@@ -159,11 +182,20 @@ def finetune_salient(
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != 1:
         shape = tuple(getattr(x, "shape", ()))
         raise ValueError(f"x must be one sample with a batch dimension of 1, got shape {shape}")
-    y = torch.as_tensor(y).reshape(-1)
+    try:
+        y = torch.as_tensor(y).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"y must be an int class label or a one-element integer tensor, got {y!r}") from None
     if y.numel() != 1:
         raise ValueError(f"y must be one label, got {y.numel()}")
-    if not lr > 0 or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"lr must be > 0 and max_steps a positive int, got lr={lr!r}, max_steps={max_steps!r}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must be an integer class label (any integer dtype), got dtype {y.dtype}")
+    y = y.long()
+    lr_ok = isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)
+    if not lr_ok or isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise ValueError(
+            f"lr must be > 0 (a finite number) and max_steps a positive int, got lr={lr!r}, max_steps={max_steps!r}"
+        )
     if ps.model is not model:
         raise ValueError("ps must be a ParameterSaliency of this model")
     device = next(model.parameters()).device
@@ -187,7 +219,10 @@ def finetune_salient(
     steps, corrected = 0, False
     for step in range(max_steps + 1):
         with torch.no_grad():
-            corrected = bool(work(x).argmax(-1)[0] == y[0])
+            logits = work(x)
+        if step == 0:
+            _check_label(logits, y)
+        corrected = bool(logits.argmax(-1)[0] == y[0])
         if corrected or step == max_steps:
             break
         loss = F.cross_entropy(work(x), y)
@@ -293,8 +328,9 @@ def neighbour_correction(
         :class:`NeighbourCorrection`.
 
     Raises:
-        ValueError: labels that do not match the inputs, fewer than ``m + 1`` misclassified
-            samples, or ``ps`` of another model.
+        ValueError: ``k``, ``m`` or ``max_samples`` that is not a positive int (``max_samples``
+            may be None), ``k`` above the number of units, labels that do not match the
+            inputs, fewer than ``m + 1`` misclassified samples, or ``ps`` of another model.
 
     Examples::
 
@@ -302,8 +338,14 @@ def neighbour_correction(
         >>> result = neighbour_correction(model, ps, images, labels, k=25, m=5, max_samples=50)
         >>> print(result.to_markdown())
     """
-    if not isinstance(m, int) or m < 1:
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise ValueError(f"m must be a positive int, got {m!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"max_samples must be a positive int or None, got {max_samples!r}")
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
         raise ValueError(f"labels must be a 1-d tensor with one label per input ({inputs.shape[0]})")
     if ps.model is not model:
@@ -314,6 +356,8 @@ def neighbour_correction(
         wrong = (predicted != labels.to(predicted.device)).nonzero().flatten()
         if len(wrong) < m + 1:
             raise ValueError(f"{len(wrong)} misclassified samples: need at least m + 1 = {m + 1}")
+        if k > ps.layout.num_columns:
+            raise ValueError(f"k={k} is larger than the number of units ({ps.layout.num_columns})")
         x, y = inputs[wrong], labels[wrong].to(predicted.device)
         z = ps.attribute(x, target=y).detach()
         unit = F.normalize(z, dim=1)

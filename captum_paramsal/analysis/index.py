@@ -49,7 +49,12 @@ class SaliencyIndex:
         backend: ``"torch"`` (default) or ``"faiss"``: a ``faiss.IndexFlatIP`` over the
             normalized rows in float32 (exact inner product, which is the cosine), an optional
             extra for large sets on the CPU (``pip install faiss-cpu``); results come back on
-            the CPU as float32 similarities.
+            the CPU as float32 similarities. Precision: the torch backend compares float64
+            profiles in float64 (what ``ps.attribute`` and :meth:`from_saliency` give for
+            standardized profiles); faiss always in float32, where the standardized
+            profiles of confidently right samples (all close to ``-mean / std``) differ by
+            less than float32 resolves, so their neighbours can differ from the exact ones.
+            :attr:`precision` says which.
         chunk_size: queries per matrix product for the torch backend; default: as many as keep
             the block under ``2**24`` entries.
         labels, predictions: optional ``(N,)`` integer tensors of each sample's true and
@@ -131,9 +136,10 @@ class SaliencyIndex:
 
         For each batch ``(inputs, labels)`` of ``data`` the profile is
         ``ps.attribute(inputs, target=labels)``: the loss at the TRUE label, as in the paper,
-        standardized with ``ps.stats``. The labels are stored as :attr:`labels`, and the
-        model's predictions (argmax of its output, one extra forward pass without gradients
-        per batch) as :attr:`predictions` when the output is ``(batch, classes)`` (else None).
+        standardized with ``ps.stats`` in float64 (so the index compares in float64). The
+        labels are stored as :attr:`labels`, and the model's predictions (argmax of its
+        output, one extra forward pass without gradients per batch) as :attr:`predictions`
+        when the output is ``(batch, classes)`` (else None).
         Profiles are moved to the CPU as they arrive; build a GPU index with
         ``SaliencyIndex(index.profiles.cuda(), ...)``.
 
@@ -178,7 +184,8 @@ class SaliencyIndex:
         for inputs, targets in batches:
             (raw,) = ps.attribute(inputs, target=targets, internal_batch_size=internal_batch_size, standardize=False)
             raw = raw.detach()
-            rows.append((stats.standardize(raw) if standardize else raw).cpu())
+            # float64: a float32 s - mean cancels what tells confident samples apart
+            rows.append((stats.standardize(raw.to(torch.float64)) if standardize else raw).cpu())
             labels.append(targets.cpu())
             if predictions is not None:
                 predicted = predict(ps.model, inputs, require=False)
@@ -195,6 +202,12 @@ class SaliencyIndex:
             labels=torch.cat(labels),
             predictions=None if predictions is None else torch.cat(predictions),
         )
+
+    @property
+    def precision(self) -> torch.dtype:
+        """The dtype in which similarities are computed: the profiles' (float64 or float32)
+        for the torch backend, float32 for faiss."""
+        return self._unit.dtype if self._unit is not None else torch.float32
 
     # -- queries ---------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -203,6 +203,7 @@ def pruning_curves(
     Raises:
         ValueError: ``ps`` of another model, unknown modes, ks that are not positive ints or
             exceed the number of units, labels that do not match, or no misclassified sample.
+        TypeError: labels that are not integers.
 
     Examples::
 
@@ -220,6 +221,8 @@ def pruning_curves(
         raise ValueError(f"modes must be among {MODES}, got {list(modes)!r}")
     if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
         raise ValueError(f"labels must be a 1-d tensor with one label per input ({inputs.shape[0]})")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer class labels (any integer dtype), got dtype {labels.dtype}")
     layout = ps.layout
     ks = _check_ks(ks, layout.num_columns)
     with evaluation_mode(model):

@@ -11,6 +11,8 @@ import argparse
 import os
 import time
 
+from ._common import add_overwrite_argument, check_report_folder, make_room_for_report
+
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
@@ -20,7 +22,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "handwritten digits): print each misclassified test digit's most salient units, turn them off to "
         "see whether that corrects it, and write an HTML report.",
     )
-    parser.add_argument("--out", default="paramsal-report", help="report folder (default ./paramsal-report)")
+    parser.add_argument("--out", default="paramsal-report",
+                        help="report folder (default ./paramsal-report); an existing one is updated in place")
+    add_overwrite_argument(parser, "an existing file at --out by the report folder (else refused)")
     parser.add_argument("--samples", type=int, default=6, help="misclassified digits to list and explain (default 6)")
     parser.add_argument("--top-k", type=int, default=5, help="salient units to print per digit (default 5)")
     parser.set_defaults(run=run)
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.samples < 1 or args.top_k < 1:
         raise ValueError("--samples and --top-k must be at least 1")
+    check_report_folder(args.out, args.overwrite)
     started = time.perf_counter()
     model, stats, data = load_digits_model()
     x, y = data.test_set()
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     pruning = pruning_curves(model, ps, x, y, ks=(1, 5, 10, 25, 50))
     print("\nTurn-off test over all misclassified digits: the share corrected after turning off k units\n")
     print(pruning.to_markdown())
+    make_room_for_report(args.out)
     path = write_report(
         model, ps, x, y, args.out, classes=CLASSES, title="Why the digits CNN gets these digits wrong",
         max_samples=args.samples, low_percentile=50.0, pruning=pruning, noun="test digit",

@@ -23,13 +23,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line; for an error re-raised from a DataLoader worker (whose
+    message holds the worker's traceback), the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        prefix = f"{type(error).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(text.split()) or type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
-        # a user's mistake (a missing file, an unknown model, an unreadable image): one line
-        print(f"captum-paramsal {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        # a user's mistake or the system's refusal (a missing or unreadable file, an unknown
+        # model, a bad image, an unwritable output, no such device): one line, no traceback
+        print(f"captum-paramsal {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

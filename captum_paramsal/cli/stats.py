@@ -12,7 +12,14 @@ import os
 
 import torch
 
-from ._common import add_model_arguments
+from ._common import (
+    add_model_arguments,
+    add_overwrite_argument,
+    check_at_least_one,
+    check_device,
+    check_output_file,
+    check_torchvision_model,
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +35,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_model_arguments(parser, "torchvision model name, e.g. resnet50")
     parser.add_argument("--data", required=True, help="image folder: root/<class>/<image>")
     parser.add_argument("--out", required=True, help="output .safetensors file")
+    add_overwrite_argument(parser, "an existing --out file (else refused)")
     parser.add_argument("--image-size", type=int, default=224, help="centre-crop size (default 224)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
     parser.add_argument("--internal-batch-size", type=int, default=None, help="bound memory: samples per pass")
@@ -42,16 +50,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _check(args: argparse.Namespace) -> None:
-    for name in ("image_size", "batch_size", "max_samples", "internal_batch_size", "num_classes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+def _check(args: argparse.Namespace) -> torch.device:
+    """Every check before any work (arguments, device, model name and input size, output
+    path, image folder); the device."""
+    check_at_least_one(args, ("image_size", "batch_size", "max_samples", "internal_batch_size", "num_classes"))
     if args.workers < 0:
         raise ValueError(f"--workers must be at least 0, got {args.workers}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"output folder does not exist: {out_dir}")
+    device = check_device(args.device)
+    check_output_file(args.out, args.overwrite)
+    check_torchvision_model(args)
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"image folder not found: {args.data}")
+    return device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     from ..images import image_folder, shard, stack_batch
     from ..models import load_torchvision_model
 
-    _check(args)
+    device = _check(args)
+    dataset = image_folder(args.data, args.image_size)  # refuses an empty folder before the model is built
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = torch.device(args.device)
     started_group = False
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -76,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
     world = dist.get_world_size() if dist.is_initialized() else 1
     try:
         model = load_torchvision_model(args.model, args.weights, args.weights_name, args.num_classes).to(device)
-        dataset = image_folder(args.data, args.image_size)
         loader = DataLoader(
             shard(dataset, rank, world, args.max_samples), batch_size=args.batch_size,
             num_workers=args.workers, collate_fn=stack_batch, pin_memory=device.type == "cuda",

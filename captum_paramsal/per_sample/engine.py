@@ -21,9 +21,10 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .call import GradOutputs, LayerCall, call_inputs
+from .call import CallInputs, GradOutputs, LayerCall, call_inputs
 from .fallback import LossFn, fallback_unit_saliency
 from .grads import PerSampleGrad
+from .hooks import hook_forward
 from .policy import KernelPolicy
 from .reductions import Reduction
 from .registry import find_rule
@@ -138,6 +139,34 @@ def check_output(output: Any, output_fn: Optional[Callable] = None) -> Tensor:
     return output
 
 
+def check_unmodified(inputs: CallInputs, versions: List[int], name: str, module: nn.Module) -> None:
+    """Autograd's check, for the inputs a rule keeps: none modified in place since the call."""
+    for index, (tensor, version) in enumerate(zip(inputs.tensors(), versions)):
+        if tensor._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: input {index} of the {type(module).__name__} that holds {name} ({tuple(tensor.shape)}) "
+                f"is at version {tensor._version}, it was at version {version} when the layer used it. Its "
+                "per-sample gradient needs the input as the layer saw it: modify a copy (x = x.clone()) instead"
+            )
+
+
+def check_no_gradient_hooks(params: List[SelectedParameter]) -> None:
+    """Refuse a selected parameter with a hook on its gradient (``Tensor.register_hook``):
+    autograd applies it to the batch's summed gradient, and no per-sample gradient can follow
+    that convention (a hook need not be linear), so the answer would silently differ from
+    autograd's. Module hooks are fine: they act on activations' gradients, which every path
+    here sees as autograd does."""
+    hooked = [p.name for p in params if getattr(p.param, "_backward_hooks", None)]
+    if hooked:
+        raise ValueError(
+            f"{', '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} a hook on its gradient "
+            "(Tensor.register_hook), which autograd applies to the summed gradient of a batch; per-sample "
+            "gradients cannot follow it. Remove the hook (handle.remove()) for the call, or leave the "
+            "parameter out of params="
+        )
+
+
 def target_without_rules(run: SaliencyPass) -> Tensor:
     """The target of a batch that no rule pass has seen (only fallback parameters selected)."""
     with torch.no_grad():
@@ -232,9 +261,13 @@ class _TappedPass:
         for _, acc in here:
             acc.calls += 1
         saved = [moved.inputs if self.keep_calls else moved.inputs.detached()]
+        # views and detached tensors share their base's version counter: an in-place change
+        # of an input after this call (``a.mul_(3)``) shows as a new version at the backward
+        versions = [t._version for t in saved[0].tensors()]
 
         def on_grad(grads: List[Tensor]) -> None:
             kept = saved.pop()
+            check_unmodified(kept, versions, here[0][1].param.name, module)
             grad_outputs = GradOutputs(tuple(moved.grads_batch_first(grads)), *structure)
             if self.keep_calls:
                 for attr, acc in here:
@@ -257,7 +290,7 @@ class _TappedPass:
 
     def __call__(self) -> Tuple[Dict[str, Any], List[SelectedParameter], Tensor]:
         run = self.run
-        handles = [m.register_forward_hook(self.on_forward, with_kwargs=True) for m in self.by_module]
+        handles = [hook_forward(m, self.on_forward, with_kwargs=True) for m in self.by_module]
         watch = ParameterUseWatch([acc.param for acc in self.accumulators.values()])
         try:
             with torch.enable_grad():
@@ -294,6 +327,7 @@ def rules_first(run: SaliencyPass, keep_calls: bool = False) -> RulePassResult:
     matched the probe), in layout order.
     """
     params = run.selection.params
+    check_no_gradient_hooks(params)
     rule_params = [p for p in params if p.name in run.routing.rule_names]
     values: Dict[str, Any] = {}
     unusable: List[SelectedParameter] = []

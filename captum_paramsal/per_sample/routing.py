@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_leaves
 
 from .batching import slice_batch, slice_kwargs
 from .call import CallInputs, batch_first, call_inputs, is_tapped, output_tensors
+from .hooks import hook_forward, hook_forward_pre
 from .registry import explain_rule, rule_for_module
 from .selection import SelectedParameter, Selection
 from .tap import new_anchor, tap_output
@@ -238,9 +239,9 @@ class ParameterUseWatch:
     def __enter__(self) -> ParameterUseWatch:
         try:
             for module in self._modules:
-                # prepend: the call must be popped before any other forward hook runs ops
-                self._handles.append(module.register_forward_pre_hook(self._push, with_kwargs=True, prepend=True))
-                self._handles.append(module.register_forward_hook(self._pop, with_kwargs=True, prepend=True))
+                # first: the call must be popped before any other forward hook runs ops
+                self._handles.append(hook_forward_pre(module, self._push, with_kwargs=True))
+                self._handles.append(hook_forward(module, self._pop, with_kwargs=True))
             self._recorder.__enter__()
         except BaseException:
             self._remove_hooks()
@@ -305,7 +306,7 @@ def route(
     watch = ParameterUseWatch(candidates)
     try:
         for module in rule_modules:
-            handles.append(module.register_forward_hook(record, with_kwargs=True))
+            handles.append(hook_forward(module, record, with_kwargs=True))
         with torch.enable_grad(), watch:
             kwargs = slice_kwargs(forward_kwargs or {}, batch, 0, 1)
             model(*slice_batch(inputs, batch, 0, 1), *slice_batch(additional_forward_args, batch, 0, 1), **kwargs)

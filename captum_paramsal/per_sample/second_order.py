@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .call import LayerCall, is_tapped
 from .engine import SaliencyPass, rules_first
 from .fallback import fallback_unit_saliency, fallback_weighted_input_grads
+from .hooks import hook_forward
 from .selection import SelectedParameter
 from .unit_values import Workspace, pull_back_chunk, reduce_to_units, units_pull_back
 
@@ -74,7 +75,7 @@ class LayerProbe:
     @contextlib.contextmanager
     def attached(self) -> Iterator[None]:
         self._calls = 0
-        handle = self.layer.register_forward_hook(self._add)
+        handle = hook_forward(self.layer, self._add)
         try:
             yield
         finally:

@@ -119,7 +119,7 @@ def build(
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     atomic_write(weights, save(state, metadata=metadata))
     ps = ParameterSaliency(model, units=UNITS)
-    stats = ps.fit_stats(data.validation.batches(500), progress=False)
+    stats = ps.fit_stats(data.validation.batches(500), progress=False)  # with the weights' digest
     stats.save(stats_path)
     if not quiet:
         wrong = int(round((1 - scores["test_accuracy"]) * len(data.test)))

@@ -97,7 +97,8 @@ def build(
     }
     atomic_write(weights, save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata=metadata))
     x, y = data.test_set()
-    stats = ParameterSaliency(model).fit_stats([(x, y)], progress=False)  # true labels, as the paper
+    # true labels, as the paper; the file records the weights' digest (checked when assigned)
+    stats = ParameterSaliency(model).fit_stats([(x, y)], progress=False)
     stats.save(stats_path)
     if not quiet:
         print(
