@@ -329,6 +329,10 @@ def test_a_few_rounds_learn():
             replies.append(reply)
         state, outcome = aggregate_round(state, replies, layers, num_clients=3)
         assert outcome.accepted == 3 and not outcome.rejected
+        # SCAFFOLD's invariant under selection: the server's variate is the mean of the clients'
+        for name, c in state.control.items():
+            mean = sum(s.control[name] for s in clients_state) / 3
+            torch.testing.assert_close(c, mean, rtol=1e-9, atol=1e-12)
     train_acc = [client_accuracy(net, split, ClientData(c.x_train, c.y_train, c.x_train, c.y_train), state.encoder, s)
                  for c, s in zip(clients, clients_state)]
     assert sum(train_acc) / 3 > 0.5

@@ -24,8 +24,8 @@ def code_cells(notebook):
     return [cell for cell in notebook.cells if cell.cell_type == "code"]
 
 
-def test_there_are_four_tutorials():
-    assert [os.path.basename(p)[:3] for p in TUTORIALS] == ["01_", "02_", "03_", "04_"]
+def test_there_are_five_tutorials():
+    assert [os.path.basename(p)[:3] for p in TUTORIALS] == ["01_", "02_", "03_", "04_", "05_"]
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=IDS)

@@ -109,8 +109,32 @@ def client_round(
     local = split.encoder_state(model)
     chosen = select_units(config.criterion, config.rho, layers, local, received, saliency, generator)
     reply = client_update(data.num_train, received, local, chosen, layers, control_change, client)
+    if control_change is not None:
+        # the variate moves only on the units whose change was sent: the server's variate then
+        # stays the mean of the clients' (SCAFFOLD's invariant) under any selection
+        client_control = _moved_on(state.control, client_control, chosen, layers)
     new_state = ClientState(head=split.head_state(model), control=client_control)
     return reply, new_state, {"train_accuracy": accuracy(model, data.x_train, data.y_train)}
+
+
+def _moved_on(
+    old: Optional[Mapping[str, Tensor]], new: Dict[str, Tensor], chosen: Mapping[str, Tensor],
+    layers: Tuple[SharedLayer, ...],
+) -> Dict[str, Tensor]:
+    """``new`` on the chosen units of each layer, ``old`` (zeros before the first round) elsewhere."""
+    result = {}
+    for layer in layers:
+        indices = chosen[layer.name]
+        for name in layer.tensors:
+            if name not in new:
+                continue
+            value = torch.zeros_like(new[name]) if old is None else old[name].clone()
+            if value.dim() == 0:
+                value = new[name].clone()
+            else:
+                value[indices] = new[name][indices]
+            result[name] = value
+    return result
 
 
 def client_accuracy(model_fn: ModelFn, split: ModelSplit, data: ClientData, encoder: Mapping[str, Tensor],

@@ -261,7 +261,7 @@ def _strategy_class():
             return messages
 
         def aggregate_train(self, server_round, replies):
-            updates, accuracy, tests, partitions, up, rejected = [], [], [], [], [], []
+            updates, accuracy, tests, partitions, up, rejected, nodes = [], [], [], [], [], [], []
             for reply in replies:
                 node = reply.metadata.src_node_id
                 if reply.has_error():
@@ -274,6 +274,7 @@ def _strategy_class():
                 up.append(record.count_bytes())
                 partition = int(metrics["partition"])
                 partitions.append(partition)
+                nodes.append(node)
                 accuracy.append(float(metrics["accuracy-received"]))
                 tests.append(int(metrics["num-test"]))
                 updates.append(update_from_arrays(arrays_of(record), int(metrics["num-examples"]), str(partition)))
@@ -281,8 +282,10 @@ def _strategy_class():
                 self.server_state, updates, self.layers, self.num_clients, self.federation.server_lr)
             order = sorted(range(len(partitions)), key=lambda i: partitions[i])
             weighted = sum(a * n for a, n in zip(accuracy, tests)) / max(1, sum(tests))
+            # per client in partition order; nodes that did not reply after them
+            down_nodes = [nodes[i] for i in order] + sorted(set(self._down) - set(nodes))
             self.history.append(RoundRecord(
-                server_round, weighted, [accuracy[i] for i in order], [self._down[n] for n in sorted(self._down)],
+                server_round, weighted, [accuracy[i] for i in order], [self._down[n] for n in down_nodes],
                 [up[i] for i in order], rejected + list(outcome.rejected), outcome.coverage,
                 time.perf_counter() - self._started))
             return ArrayRecord(), MetricRecord({"accuracy-received": weighted, "accepted": outcome.accepted})
@@ -322,6 +325,7 @@ def run_federations(grid, federations: Sequence[Federation], num_clients: int,
 
     strategy_class = _strategy_class()
     results = []
+    _wait_for_nodes(grid, num_clients)
     for index, federation in enumerate(federations):
         split, layers = federation.split()
         model = federation.model_fn()
@@ -340,6 +344,16 @@ def run_federations(grid, federations: Sequence[Federation], num_clients: int,
         if on_result is not None:
             on_result(result)
     return results
+
+
+def _wait_for_nodes(grid, count: int, timeout: float = 300.0) -> None:
+    """Until ``count`` SuperNodes are connected: every client takes part in every round."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {count} SuperNodes connected after "
+                               f"{timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def client_sides(federations: Sequence[Federation]) -> Dict[str, ClientSide]:
@@ -396,6 +410,7 @@ def simulate(
     for f in federations:  # every split and config checked before Ray starts
         f.split()
     results: List[FederationResult] = []
+    extra_dirs: List[str] = []
     try:
         from flwr.serverapp import ServerApp
         from flwr.simulation import run_simulation
@@ -406,7 +421,11 @@ def simulate(
         def main(grid, context) -> None:
             results.extend(run_federations(grid, federations, num_clients, on_result))
 
+        # Ray's sockets live under its temp dir, and a socket path may not exceed 107 bytes
         ray_dir = os.path.join(temp_dir, "ray")
+        if len(ray_dir) > 40:
+            ray_dir = tempfile.mkdtemp(prefix="cps-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+            extra_dirs.append(ray_dir)
         os.makedirs(ray_dir, exist_ok=True)
         import warnings
 
@@ -423,8 +442,8 @@ def simulate(
                 },
             )
     finally:
-        if own_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
+        for folder in extra_dirs + ([temp_dir] if own_dir else []):
+            shutil.rmtree(folder, ignore_errors=True)
     if len(results) != len(federations):
         raise RuntimeError(f"the simulation ended after {len(results)} of {len(federations)} federations "
                            f"({names}); see Flower's log above")
