@@ -149,3 +149,32 @@ def test_simulation_equals_the_plain_loop(tmp_path):
     sal, fedavg = results
     # 30% of the units, each with its update and its SCAFFOLD variate change: about 0.6x FedAvg's upload
     assert sum(sal.rounds[0].bytes_up) < 0.7 * sum(fedavg.rounds[0].bytes_up)
+
+
+def test_bytes_are_the_serialized_arrays():
+    """``record_bytes`` (``ArrayRecord.count_bytes``) is each array's ``.npy`` serialization, as
+    Flower sends it, plus its key: computed here with numpy alone."""
+    import io
+
+    import numpy as np
+
+    clients = digits_clients(3, alpha=0.5, seed=0)
+    federation = method_federation("saliency", clients, rounds=1, rho=0.3, seed=0)
+    split, layers = federation.split()
+    encoder = split.encoder_state(federation.model_fn())
+    params = dict(federation.model_fn().named_parameters())
+    control = {n: torch.zeros_like(params[n]) for n in split.encoder_parameters}
+    update, _, _ = client_round(federation.model_fn, split, layers, clients[0], encoder,
+                                initial_state(federation.model_fn, split), federation.config, seed=0,
+                                server_control=control)
+
+    def npy_size(array):
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        return len(buffer.getvalue())
+
+    for arrays in (update_arrays(update), downlink_arrays(encoder, control)):
+        assert record_bytes(arrays) == sum(npy_size(a) + len(k) for k, a in arrays.items())
+    sent = update_arrays(update)
+    assert sent["idx/conv1"].dtype == np.int64 and len(sent["idx/conv1"]) == round(0.3 * 16)
+    assert sent["val/conv1.weight"].shape == (5, 1, 3, 3) and "val/bn1.running_mean" in sent
