@@ -278,9 +278,12 @@ def _strategy_class():
                 accuracy.append(float(metrics["accuracy-received"]))
                 tests.append(int(metrics["num-test"]))
                 updates.append(update_from_arrays(arrays_of(record), int(metrics["num-examples"]), str(partition)))
-            self.server_state, outcome = aggregate_round(
-                self.server_state, updates, self.layers, self.num_clients, self.federation.server_lr)
             order = sorted(range(len(partitions)), key=lambda i: partitions[i])
+            # in partition order: replies arrive in whatever order the clients finish, and the float sums
+            # of the aggregation depend on the order (a last-bit difference grows over rounds)
+            self.server_state, outcome = aggregate_round(
+                self.server_state, [updates[i] for i in order], self.layers, self.num_clients,
+                self.federation.server_lr)
             weighted = sum(a * n for a, n in zip(accuracy, tests)) / max(1, sum(tests))
             # per client in partition order; nodes that did not reply after them
             down_nodes = [nodes[i] for i in order] + sorted(set(self._down) - set(nodes))
