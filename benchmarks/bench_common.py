@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import multiprocessing
 import platform
 import resource
@@ -13,6 +14,7 @@ import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -214,3 +216,41 @@ def cuda_peak_memory(call: Callable[[], Any], device: torch.device) -> float:
     peak = torch.cuda.max_memory_allocated(device) - base
     del out
     return peak / 2**20
+
+
+@dataclass
+class MethodResult:
+    """One method's figures in one case."""
+
+    times: List[float] = field(default_factory=list)
+    peak_mib: Optional[float] = None
+    rel_diff: Optional[float] = None
+    warmup_s: Optional[float] = None  # the first, untimed call (compiling, for "compiled")
+    status: str = "ok"  # "ok", "OOM", "n/a" or an error summary
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times) if self.times else math.nan
+
+
+def fmt(value: Optional[float], spec: str) -> str:
+    """``value`` formatted by ``spec``; "-" for None or NaN."""
+    return "-" if value is None or math.isnan(value) else format(value, spec)
+
+
+def layout_rel_diff(result: torch.Tensor, reference: torch.Tensor, layout: Any) -> float:
+    """Max over the layout's parameters of ``max|a - ref| / max|ref|`` over that parameter's
+    columns (inf where the shapes differ).
+
+    Scaled per parameter, not per entry: a unit whose saliency is 1e-5 of its layer's largest
+    carries float32 round-off of its own size (the naive loop in float32 differs from a float64
+    run by ~1e-3 per entry there), which says nothing about whether the work is the same.
+    """
+    result, reference = result.double().cpu(), reference.double().cpu()
+    if result.shape != reference.shape:
+        return math.inf
+    worst = 0.0
+    for entry in layout:
+        a, ref = result[:, entry.slice], reference[:, entry.slice]
+        worst = max(worst, float((a - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
+    return worst

@@ -61,8 +61,6 @@ present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFO
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -76,11 +74,14 @@ from torch import Tensor, nn
 from captum_paramsal import ParameterSaliency
 
 from bench_common import (
+    MethodResult,
     build_torchvision_model,
     cuda_peak_memory,
+    fmt,
     forked_peak_rss,
     interleaved_times,
     is_oom,
+    layout_rel_diff,
     make_logger,
     print_report,
     release_free_heap,
@@ -273,46 +274,18 @@ RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
 # ----------------------------------------------------------------------------------------------
 
 
-def max_rel_diff(result: Tensor, reference: Tensor, setup: Setup) -> float:
-    """Max over parameters of ``max|a - ref| / max|ref|`` over that parameter's columns.
-
-    Scaled per parameter, not per entry: a unit whose saliency is 1e-5 of its layer's largest
-    carries float32 round-off of its own size (the naive loop in float32 differs from a float64
-    run by ~1e-3 per entry there), which says nothing about whether the work is the same.
-    """
-    result, reference = result.double().cpu(), reference.double().cpu()
-    worst = 0.0
-    for entry in setup.saliency.layout:
-        a, ref = result[:, entry.slice], reference[:, entry.slice]
-        worst = max(worst, float((a - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
-    return worst
-
-
 def check_engine_matches_naive(setup: Setup) -> float:
     """The engine's max relative difference from the naive per-sample loop on ``setup``'s batch."""
     engine = run_engine(setup)
     naive = run_naive(setup)
     if engine.shape != naive.shape:
         raise AssertionError(f"engine gives {tuple(engine.shape)}, naive loop {tuple(naive.shape)}")
-    return max_rel_diff(engine, naive, setup)
+    return layout_rel_diff(engine, naive, setup.saliency.layout)
 
 
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MethodResult:
-    times: List[float] = field(default_factory=list)
-    peak_mib: Optional[float] = None
-    rel_diff: Optional[float] = None
-    warmup_s: Optional[float] = None  # the first, untimed call (compiling, for "compiled")
-    status: str = "ok"  # "ok", "OOM", "n/a" or an error summary
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times) if self.times else math.nan
 
 
 @dataclass
@@ -377,10 +350,10 @@ def measure_case(
     assert reference is not None
     for method, out in outputs.items():
         if out is not None:
-            methods[method].rel_diff = max_rel_diff(out, reference, setup)
+            methods[method].rel_diff = layout_rel_diff(out, reference, setup.saliency.layout)
     if outputs.get("rms") is not None:  # its own reference: the naive loop with the same reduction
         log(f"  {result.case.name}: check rms against a naive rms loop")
-        methods["rms"].rel_diff = max_rel_diff(outputs["rms"], run_naive(setup, "rms"), setup)
+        methods["rms"].rel_diff = layout_rel_diff(outputs["rms"], run_naive(setup, "rms"), setup.saliency.layout)
     outputs.clear()
     for ours in ("engine", "compiled", "rms"):
         diff = methods[ours].rel_diff
@@ -417,10 +390,6 @@ def measure_case(
 HEADER = ("case", "method", "median ms", "min ms", "/ engine", "/ fwd+bwd", "peak MiB", "max rel diff vs naive")
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, spec)
-
-
 def table_rows(results: Sequence[CaseResult]) -> List[Tuple[str, ...]]:
     rows = []
     for res in results:
@@ -436,12 +405,12 @@ def table_rows(results: Sequence[CaseResult]) -> List[Tuple[str, ...]]:
                 (
                     label,
                     method,
-                    _fmt(m.median * 1e3, ".1f"),
-                    _fmt(min(m.times) * 1e3 if m.times else None, ".1f"),
-                    _fmt(m.median / engine, ".2f"),
-                    _fmt(m.median / fwd_bwd, ".2f"),
-                    _fmt(m.peak_mib, ".0f"),
-                    "-" if method == "naive" else _fmt(m.rel_diff, ".1e"),
+                    fmt(m.median * 1e3, ".1f"),
+                    fmt(min(m.times) * 1e3 if m.times else None, ".1f"),
+                    fmt(m.median / engine, ".2f"),
+                    fmt(m.median / fwd_bwd, ".2f"),
+                    fmt(m.peak_mib, ".0f"),
+                    "-" if method == "naive" else fmt(m.rel_diff, ".1e"),
                 )
             )
     return rows
@@ -464,9 +433,9 @@ def summary_lines(results: Sequence[CaseResult]) -> List[str]:
             f"{res.case.name} ({res.device}, {res.num_params} weights, {res.num_units} units, {res.reps} reps): "
             f"engine/fwd+bwd = {ratio:.2f} (target <= {TARGET_RATIO}: {verdict}); "
             f"compiled/fwd+bwd = {compiled:.2f} ({'met' if compiled <= TARGET_RATIO else 'NOT met'}; "
-            f"its first call, compiling, took {_fmt(m['compiled'].warmup_s, '.1f')} s); "
+            f"its first call, compiling, took {fmt(m['compiled'].warmup_s, '.1f')} s); "
             f"rms/fwd+bwd = {rms:.2f}; {speedups}; "
-            f"engine vs naive max rel diff = {_fmt(m['engine'].rel_diff, '.1e')}"
+            f"engine vs naive max rel diff = {fmt(m['engine'].rel_diff, '.1e')}"
         )
     return lines
 

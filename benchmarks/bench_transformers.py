@@ -78,8 +78,6 @@ import argparse
 import copy
 import gc
 import importlib.util
-import math
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -95,10 +93,13 @@ from captum_paramsal.per_sample import compiled as compiled_kernels
 from captum_paramsal.per_sample import policy
 
 from bench_common import (
+    MethodResult,
     cuda_peak_memory,
+    fmt,
     forked_peak_rss,
     interleaved_times,
     is_oom,
+    layout_rel_diff,
     make_logger,
     print_report,
     release_free_heap,
@@ -445,36 +446,9 @@ def short_reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def max_rel_diff(result: Tensor, reference: Tensor, setup: Setup) -> float:
-    """Max over parameters of ``max|a - ref| / max|ref|`` over that parameter's columns."""
-    result, reference = result.double().cpu(), reference.double().cpu()
-    if result.shape != reference.shape:
-        return math.inf
-    worst, start = 0.0, 0
-    for entry in setup.engines["engine"].layout:
-        cols = slice(start, start + entry.num_units)
-        start += entry.num_units
-        a, ref = result[:, cols], reference[:, cols]
-        worst = max(worst, float((a - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
-    return worst
-
-
 # ----------------------------------------------------------------------------------------------
 # Measurement
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MethodResult:
-    times: List[float] = field(default_factory=list)
-    peak_mib: Optional[float] = None
-    rel_diff: Optional[float] = None
-    warmup_s: Optional[float] = None
-    status: str = "ok"
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times) if self.times else math.nan
 
 
 @dataclass
@@ -539,9 +513,9 @@ def measure_case(result: CaseResult, setup: Setup, reps: int, tolerance: float, 
     assert reference is not None
     for method, out in outputs.items():
         if out is not None and method != "rms":
-            methods[method].rel_diff = max_rel_diff(out, reference, setup)
+            methods[method].rel_diff = layout_rel_diff(out, reference, setup.engines["engine"].layout)
     log(f"  {name}: check rms against a naive rms loop")
-    methods["rms"].rel_diff = max_rel_diff(outputs["rms"], run_naive(setup, "rms"), setup)
+    methods["rms"].rel_diff = layout_rel_diff(outputs["rms"], run_naive(setup, "rms"), setup.engines["engine"].layout)
     outputs.clear()
     for method in METHODS:
         m = methods[method]
@@ -585,10 +559,6 @@ def measure_case(result: CaseResult, setup: Setup, reps: int, tolerance: float, 
 HEADER = ("case", "method", "median ms", "min ms", "/ fwd+bwd", "naive / this", "peak MiB", "max rel diff vs naive")
 
 
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "-" if value is None or math.isnan(value) else format(value, spec)
-
-
 def table_rows(results: Sequence[CaseResult]) -> List[Tuple[str, ...]]:
     rows = []
     for res in results:
@@ -599,9 +569,9 @@ def table_rows(results: Sequence[CaseResult]) -> List[Tuple[str, ...]]:
                 rows.append((res.label, method, m.status, "", "", "", "", ""))
                 continue
             rows.append((
-                res.label, method, _fmt(m.median * 1e3, ".1f"), _fmt(min(m.times) * 1e3, ".1f"),
-                _fmt(m.median / fwd_bwd, ".2f"), _fmt(naive / m.median, ".2f"), _fmt(m.peak_mib, ".0f"),
-                "-" if method in ("naive", "fwd+bwd") else _fmt(m.rel_diff, ".1e"),
+                res.label, method, fmt(m.median * 1e3, ".1f"), fmt(min(m.times) * 1e3, ".1f"),
+                fmt(m.median / fwd_bwd, ".2f"), fmt(naive / m.median, ".2f"), fmt(m.peak_mib, ".0f"),
+                "-" if method in ("naive", "fwd+bwd") else fmt(m.rel_diff, ".1e"),
             ))
     return rows
 
