@@ -305,14 +305,18 @@ class SaliencyStats:
         return torch.where(std > STD_FLOOR, std, torch.ones_like(std))
 
     def standardize(self, saliency: Tensor) -> Tensor:
-        """``(s - mean) / std'`` in the dtype and on the device of ``saliency``."""
+        """``(s - mean) / std'`` in float64 (the statistics' precision) on the device of ``saliency``.
+
+        Float64 whatever ``saliency``'s dtype: a confidently right sample has tiny gradients, so
+        ``s - mean`` is nearly ``-mean`` for all such samples, and what tells them apart (their
+        nearest neighbours) would not survive the subtraction in float32."""
         if saliency.shape[-1] != self.layout.num_columns:
             raise ValueError(
                 f"profiles have {saliency.shape[-1]} columns, the statistics {self.layout.num_columns}"
             )
-        scale = self.scale.to(device=saliency.device, dtype=saliency.dtype)
-        mean = self._moments.mean.to(device=saliency.device, dtype=saliency.dtype)
-        return (saliency - mean) / scale
+        scale = self.scale.to(device=saliency.device)
+        mean = self._moments.mean.to(device=saliency.device)
+        return (saliency.to(torch.float64) - mean) / scale
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -270,8 +270,8 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 chunk_units = None if per_sample_units is None else per_sample_units[start : start + run.batch]
 
                 def weights_of(saliency: Tensor, chunk_units=chunk_units) -> Tensor:
-                    # z in float64, as ParameterSaliency gives it (a float32 s - mean cancels)
-                    profile = stats.standardize(saliency.to(torch.float64)) if stats is not None else saliency
+                    # z in float64 (stats.standardize), as ParameterSaliency gives it
+                    profile = stats.standardize(saliency) if stats is not None else saliency
                     mask = self._unit_mask(profile, chunk_units, random_units, generator)
                     weights = boosting_weights(profile, mask, self.boost_factor)
                     if stats is not None:  # z is affine in s: dO/ds = dO/dz / std'

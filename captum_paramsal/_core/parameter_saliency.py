@@ -200,7 +200,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
         saliency = self._raw_saliency(prepared, internal_batch_size)
         if standardize and self._stats is not None:
-            saliency = self._stats.standardize(saliency.to(torch.float64))  # float64: see "Returns"
+            saliency = self._stats.standardize(saliency)  # float64: see "Returns"
         return (saliency,) if prepared.is_tuple else saliency
 
     def _raw_saliency(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Tensor:
@@ -222,7 +222,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         values = self._raw_saliency(prepared, internal_batch_size)
         standardized = standardize and self._stats is not None
         if standardized:
-            values = self._stats.standardize(values.to(torch.float64))  # float64, as in attribute
+            values = self._stats.standardize(values)  # float64, as in attribute
         return SaliencyProfile(values.detach(), self.layout, standardized, self.reduction)
 
     def fit_stats(

@@ -184,8 +184,7 @@ class SaliencyIndex:
         for inputs, targets in batches:
             (raw,) = ps.attribute(inputs, target=targets, internal_batch_size=internal_batch_size, standardize=False)
             raw = raw.detach()
-            # float64: a float32 s - mean cancels what tells confident samples apart
-            rows.append((stats.standardize(raw.to(torch.float64)) if standardize else raw).cpu())
+            rows.append((stats.standardize(raw) if standardize else raw).cpu())  # z: float64
             labels.append(targets.cpu())
             if predictions is not None:
                 predicted = predict(ps.model, inputs, require=False)
