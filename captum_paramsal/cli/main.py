@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..experiments import trojan
+from ..experiments import spade_benchmark, trojan
 from . import demo, explain, stats
 
 
@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_parser(commands)
     explain.add_parser(commands)
     trojan.add_parser(commands)
+    spade_benchmark.add_parser(commands)
     return parser
 
 

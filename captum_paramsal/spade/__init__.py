@@ -18,6 +18,7 @@ Examples::
 """
 
 from .augment import DefaultAugmentation, augmented_batch
+from .obc import OBCTrajectory, obc_prune, obc_trajectory
 from .sample_pruning import SampleTargetedPruning, prunable_weights
 from .solver import exact_reconstruction, sparsegpt_prune
 from .wrapper import SPADE, find_model
@@ -25,10 +26,13 @@ from .wrapper import SPADE, find_model
 __all__ = [
     "SPADE",
     "DefaultAugmentation",
+    "OBCTrajectory",
     "SampleTargetedPruning",
     "augmented_batch",
     "exact_reconstruction",
     "find_model",
+    "obc_prune",
+    "obc_trajectory",
     "prunable_weights",
     "sparsegpt_prune",
 ]

@@ -6,10 +6,11 @@ the inputs it saw on the calibration data. Given ``H = 2 X Xᵀ`` we look for a 
 requested number of zeros that keeps ``||W' X - W X||²`` small. Two solvers live here:
 
 * :func:`sparsegpt_prune`, the fast one (Frantar & Alistarh, 2023): the columns are visited left
-  to right in blocks; at the start of each block the block's mask is chosen by the OBS error
-  ``w² / [H_F⁻¹]_qq`` (read off the upper Cholesky factor of ``H⁻¹``); each pruned weight's error
-  is spread over the columns to its right with the OBS correction. Weights already visited are
-  frozen (this is what makes it fast, and what makes it an approximation).
+  to right; every ``mask_every`` columns the mask of the next ``mask_every`` columns is chosen by
+  the OBS error ``w² / [H_F⁻¹]_qq`` (read off the upper Cholesky factor of ``H⁻¹``); each pruned
+  weight's error is spread over the columns to its right with the OBS correction (lazily, a block
+  of ``blocksize`` columns at a time). Weights already visited are frozen (this is what makes it
+  fast, and what makes it an approximation). :mod:`.obc` holds the slower greedy OBC solver.
 * :func:`exact_reconstruction`, for a mask that is already fixed: each row's kept weights are the
   exact least-squares reconstruction ``w_K = H_KK⁻¹ (H w)_K`` (equivalently, the OBS update that
   removes the row's whole pruned set at once). SparseGPT's frozen columns mean that running it
@@ -128,15 +129,29 @@ def sparsegpt_prune(
     mask: Optional[Tensor] = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    mask_every: int = 1,
 ) -> Tensor:
     r"""Prune ``weight`` to ``sparsity`` and reconstruct it for the inputs summarized by ``hessian``.
 
-    The mask is chosen block by block (``blocksize`` columns): at a block's start, its weights
-    (already corrected for the pruning to their left) are scored by the OBS error
-    ``w_rq² / U_qq²`` and the lowest-scoring entries of the *whole block* (all rows and groups
-    together, not a fixed count per row) are pruned. Each block prunes its share of the layer's
-    budget, ``round(s·G·R·i₂) - round(s·G·R·i₁)`` for columns ``i₁:i₂``, so the layer ends with
-    exactly ``round(sparsity * weight.numel())`` zeros.
+    The mask is chosen segment by segment (``mask_every`` columns): at column ``i`` with
+    ``i % mask_every == 0`` (counted in the whole layer), the weights of columns
+    ``i : i + mask_every`` (already corrected for all the pruning to their left) are scored by the
+    OBS error ``w_rq² / U_qq²`` and the lowest-scoring entries of the *whole segment* (all rows
+    and groups together, not a fixed count per row) are pruned. Each segment prunes its share of
+    the layer's budget, ``round(s·G·R·j₂) - round(s·G·R·j₁)`` for columns ``j₁:j₂``, so the layer
+    ends with exactly ``round(sparsity * weight.numel())`` zeros. Re-choosing often lets the mask
+    see the corrections of the weights pruned just before; SparseGPT itself chooses once per
+    ``blocksize`` block, the SPADE authors' fast variant every ``kh·kw`` columns for a convolution
+    (one input channel's kernel) and every column for a Linear layer. Since every segment prunes
+    only its proportional share, a small ``mask_every`` also spreads the sparsity evenly over the
+    columns (over the input channels, with ``kh·kw``): an input that is dead on the calibration
+    data is no longer pruned whole, only its share.
+
+    The OBS corrections are applied lazily, a block of ``blocksize`` columns at a time (the speed
+    of SparseGPT); this changes only the rounding, not the result. When ``mask_every`` is smaller
+    than ``blocksize``, a block is the largest multiple of ``mask_every`` not above ``blocksize``
+    columns, so that no segment straddles two blocks; ``mask_every >= blocksize`` is the same as
+    ``mask_every == blocksize`` (one mask per block, SparseGPT's original rule).
 
     With ``mask`` given, the solver skips the selection and returns the exact reconstruction for
     that mask (:func:`exact_reconstruction`), since SparseGPT's frozen columns are not optimal for
@@ -148,8 +163,11 @@ def sparsegpt_prune(
             not depend on the scale; the dampening is relative to the mean diagonal).
         sparsity: fraction of weights to prune, in ``[0, 1)``.
         mask: boolean, ``True`` = prune; instead of ``sparsity``.
-        blocksize: columns per block (SparseGPT uses 128).
+        blocksize: columns per lazy-update block (SparseGPT uses 128).
         percdamp: dampening ``λ = percdamp * mean(diag H)``.
+        mask_every: the mask is re-chosen every this many columns (a positive int; default 1, every
+            column). Pass ``kh * kw`` for a convolution and 1 for a Linear layer, as the SPADE
+            authors' fast variant does; ``blocksize`` (or more) gives SparseGPT's per-block mask.
 
     Returns:
         The pruned weight, the shape and dtype of ``weight`` (pruned entries exactly zero).
@@ -166,7 +184,7 @@ def sparsegpt_prune(
         raise ValueError("give exactly one of sparsity and mask")
     if mask is not None:
         return exact_reconstruction(weight, hessian, mask, percdamp=percdamp)
-    return sparsegpt_mask_and_weights(weight, hessian, sparsity, blocksize, percdamp)[1]
+    return sparsegpt_mask_and_weights(weight, hessian, sparsity, blocksize, percdamp, mask_every=mask_every)[1]
 
 
 def sparsegpt_mask_and_weights(
@@ -175,8 +193,18 @@ def sparsegpt_mask_and_weights(
     sparsity: float,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    mask_every: int = 1,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`sparsegpt_prune` with a sparsity, returning ``(mask, pruned weight)`` (``True`` = pruned).
+
+    Args:
+        weight: ``(R, C)`` or ``(G, R, C)``.
+        hessian: ``(C, C)`` or ``(G, C, C)``.
+        sparsity: fraction of weights to prune, in ``[0, 1)``; exactly ``round(sparsity * numel)``.
+        blocksize: columns per lazy-update block.
+        percdamp: dampening ``λ = percdamp * mean(diag H)``.
+        mask_every: columns per mask segment (see :func:`sparsegpt_prune`): ``kh * kw`` for a
+            convolution and 1 for a Linear layer in the SPADE authors' fast variant.
 
     Examples::
 
@@ -187,6 +215,8 @@ def sparsegpt_mask_and_weights(
     sparsity = check_sparsity(sparsity)
     if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize < 1:
         raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if not isinstance(mask_every, int) or isinstance(mask_every, bool) or mask_every < 1:
+        raise ValueError(f"mask_every must be a positive int, got {mask_every!r}")
     check_percdamp(percdamp)
     w, h, squeeze = _as_groups(weight, hessian)
     _check_shapes(w, h, None)
@@ -198,22 +228,33 @@ def sparsegpt_mask_and_weights(
     per_column = groups * rows  # weights in one column, all groups together
     upper = inverse_hessian_factor(h.detach().to(dtype), percdamp)
     mask = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    # a segment never straddles two lazy blocks: its scores must see every correction from the
+    # left, and the columns past a block have not received the block's lazy update yet
+    segment = min(mask_every, blocksize)
+    step = blocksize if segment == blocksize else (blocksize // segment) * segment
 
-    for i1 in range(0, columns, blocksize):
-        i2 = min(i1 + blocksize, columns)
+    for i1 in range(0, columns, step):
+        i2 = min(i1 + step, columns)
         count = i2 - i1
         block = w[..., i1:i2].clone()
         quantized = torch.zeros_like(block)
         errors = torch.zeros_like(block)
         u_block = upper[:, i1:i2, i1:i2]
-        # this block's share of the exact layer budget (the cumulative rounding telescopes)
-        k = round(sparsity * per_column * i2) - round(sparsity * per_column * i1)
+        u_diag = u_block.diagonal(dim1=-2, dim2=-1).square().unsqueeze(1)
         prune = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
-        if k > 0:
-            scores = block.square() / u_block.diagonal(dim1=-2, dim2=-1).square().unsqueeze(1)
-            # topk, not a threshold: ties cannot push the count past the budget
-            prune.view(-1)[scores.reshape(-1).topk(k, largest=False).indices] = True
         for i in range(count):
+            j1 = i1 + i  # i1 is a multiple of segment, so segments start on layer multiples
+            if j1 % segment == 0:
+                j2 = min(j1 + segment, i2)
+                # this segment's share of the exact layer budget (the cumulative rounding telescopes)
+                k = round(sparsity * per_column * j2) - round(sparsity * per_column * j1)
+                if k > 0:
+                    # scored on the current block, already corrected for every pruning to the left
+                    scores = block[..., i : i + j2 - j1].square() / u_diag[..., i : i + j2 - j1]
+                    chosen = torch.zeros(scores.shape, dtype=torch.bool, device=block.device)
+                    # topk, not a threshold: ties cannot push the count past the budget
+                    chosen.view(-1)[scores.reshape(-1).topk(k, largest=False).indices] = True
+                    prune[..., i : i + j2 - j1] = chosen
             column = block[..., i]
             q = column.masked_fill(prune[..., i], 0.0)
             quantized[..., i] = q

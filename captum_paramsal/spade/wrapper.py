@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Union
 
 from captum.attr import Attribution
 from captum.log import log_usage
@@ -45,10 +45,12 @@ class SPADE(Attribution):
     Args:
         attribution: a Captum ``Attribution`` (or this library's ``ParameterSaliency`` /
             ``ParameterGuidedInputSaliency``).
-        sparsity, n_augmentations, augment, blocksize, percdamp, seed, internal_batch_size,
-            refit: as in :class:`SampleTargetedPruning` (default sparsity 0.9 of every
-            Linear/Conv1d/Conv2d weight, 64 calibration rows, augmentations seeded with 0; a
-            per-layer dict is keyed by weight parameter names, ``{"fc1.weight": 0.9}``).
+        sparsity, n_augmentations, augment, solver, mask_every, obc_block, prune_stem, blocksize,
+            percdamp, seed, internal_batch_size, refit: as in :class:`SampleTargetedPruning`
+            (default sparsity 0.9 of every Linear/Conv1d/Conv2d weight but the stem convolution,
+            the paper's 1024 calibration views seeded with 0, the SparseGPT solver with its mask
+            re-chosen every kernel; a per-layer dict is keyed by weight parameter names or glob
+            patterns over them, ``{"layer3.*": 0.95, "fc.weight": 0.95}``).
             ``internal_batch_size`` here bounds the calibration pass; one given to
             :meth:`attribute` goes to the wrapped method, as any keyword argument.
         model: the ``nn.Module`` to prune, overriding the discovery above.
@@ -63,6 +65,7 @@ class SPADE(Attribution):
         >>> from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion
         >>> from captum_paramsal.spade import SPADE
         >>> spade_ig = SPADE(IntegratedGradients(model), sparsity=0.9)
+        >>> obc_ig = SPADE(IntegratedGradients(model), sparsity={"layer3.*": 0.95, "fc.weight": 0.95}, solver="obc")
         >>> attr = spade_ig.attribute(images, target=labels, n_steps=32)   # images' shape
         >>> # layer methods: the layer is the model's; interpolate as usual
         >>> cam = SPADE(LayerGradCam(model, model.layer4)).attribute(images, target=labels)
@@ -77,13 +80,17 @@ class SPADE(Attribution):
         self,
         attribution: Attribution,
         sparsity: SparsityType = 0.9,
-        n_augmentations: int = 64,
+        n_augmentations: int = 1024,
         augment: Optional[AugmentFn] = None,
         model: Optional[nn.Module] = None,
+        solver: str = "sparsegpt",
+        mask_every: Optional[int] = None,
+        obc_block: Union[int, str] = 1,
+        prune_stem: bool = False,
         blocksize: int = 128,
         percdamp: float = 0.01,
         seed: Optional[int] = 0,
-        internal_batch_size: Optional[int] = None,
+        internal_batch_size: Optional[int] = 256,
         refit: bool = False,
     ) -> None:
         if not isinstance(attribution, Attribution):
@@ -98,6 +105,10 @@ class SPADE(Attribution):
             sparsity=sparsity,
             n_augmentations=n_augmentations,
             augment=augment,
+            solver=solver,
+            mask_every=mask_every,
+            obc_block=obc_block,
+            prune_stem=prune_stem,
             blocksize=blocksize,
             percdamp=percdamp,
             seed=seed,
