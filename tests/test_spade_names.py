@@ -53,8 +53,9 @@ def test_layers_are_named_by_their_weight(net):
     names = ["conv.weight", "fc.weight", "head.weight", "unused.weight"]
     assert SampleTargetedPruning.prunable_layers(net) == names
     assert list(prunable_weights(net)) == names
-    pruning = SampleTargetedPruning(net, sparsity=0.5, n_augmentations=4, augment=identity)
+    pruning = SampleTargetedPruning(net, sparsity=0.5, n_augmentations=4, augment=identity, prune_stem=True)
     assert list(pruning.layer_sparsity) == names
+    assert list(SampleTargetedPruning(net, sparsity=0.5).layer_sparsity) == names[1:]  # the stem stays dense
     x = torch.randn(1, 2, 5, 5)
     weights = pruning.pruned_weights(x)
     assert set(weights) == {"conv.weight", "fc.weight", "head.weight"}
