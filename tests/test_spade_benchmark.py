@@ -74,10 +74,12 @@ def test_samples_are_switched_by_their_trigger_and_round_robin():
     from captum_paramsal.zoo.trojan_digits import load_trojan_resnet
 
     model, data = load_trojan_resnet()
-    entries = bench.select_samples(model, data, seed=0)
+    triggered = bench.triggered_sets(data)
+    entries = bench.select_samples(model, data, seed=0, triggered=triggered)
+    assert entries == bench.select_samples(model, data, seed=0)
     assert [e["trigger"] for e in entries[:6]] == [0, 1, 2, 0, 1, 2]
     for e in entries[:9]:
-        x, _, target = bench.sample_of(data, e)
+        x, _, target = bench.sample_of(triggered, e)
         with torch.no_grad():
             assert int(model(x).argmax(1)) == target
 

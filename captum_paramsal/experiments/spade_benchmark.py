@@ -200,12 +200,20 @@ def map_aucs(methods: Dict[str, MapFn], x: Tensor, target: int, mask: Tensor) ->
         return {name: 100.0 * roc_auc(fn(x, target), mask) for name, fn in methods.items()}
 
 
-def select_samples(model: nn.Module, data, seed: int) -> List[Dict]:
+def triggered_sets(data) -> List[Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Each trigger's :meth:`~captum_paramsal.zoo.trojan_digits.TrojanDigitsData.triggered_test`,
+    made once (pasting the triggers is a loop over the test set) for the samples to index."""
+    return [data.triggered_test(trigger) for trigger in range(len(data.setup.targets))]
+
+
+def select_samples(model: nn.Module, data, seed: int, triggered: Optional[Sequence] = None) -> List[Dict]:
     """Triggered test samples whose trigger switched a correct decision to the trojan's class,
-    round robin over the triggers in a seeded order: ``[{trigger, index, label}, ...]``."""
+    round robin over the triggers in a seeded order: ``[{trigger, index, label}, ...]``.
+    ``triggered``: :func:`triggered_sets` of ``data``, when already made."""
+    triggered = triggered_sets(data) if triggered is None else triggered
     per_trigger = []
     for trigger, target in enumerate(data.setup.targets):
-        x, _, _, labels = data.triggered_test(trigger)
+        x, _, _, labels = triggered[trigger]
         clean = data.test_images[data.test_labels != target]
         with torch.no_grad():
             ok = (model(clean).argmax(1) == labels) & (model(x).argmax(1) == target)
@@ -217,9 +225,10 @@ def select_samples(model: nn.Module, data, seed: int) -> List[Dict]:
     return out
 
 
-def sample_of(data, entry: Dict) -> Tuple[Tensor, Tensor, int]:
-    """``(x (1, 3, 32, 32), patch mask (32, 32), trojan class)`` of a :func:`select_samples` entry."""
-    x, masks, targets, _ = data.triggered_test(entry["trigger"])
+def sample_of(triggered: Sequence, entry: Dict) -> Tuple[Tensor, Tensor, int]:
+    """``(x (1, 3, 32, 32), patch mask (32, 32), trojan class)`` of a :func:`select_samples` entry,
+    from :func:`triggered_sets`."""
+    x, masks, targets, _ = triggered[entry["trigger"]]
     return x[entry["index"] : entry["index"] + 1], masks[entry["index"]], int(targets[entry["index"]])
 
 
@@ -259,6 +268,7 @@ class Runner:
         self.setup, self.log = setup, log
         self.model, self.data = load_trojan_resnet()
         self.methods = attribution_methods(self.model)
+        self.triggered = triggered_sets(self.data)
         # every layer a configuration may prune (all but the stem) gets a second moment
         self.pruning = SampleTargetedPruning(self.model, sparsity=0.5, n_augmentations=setup.views, seed=setup.seed)
         self._untargeted_moments = None
@@ -267,19 +277,8 @@ class Runner:
     def untargeted_moments(self):
         """Second moments of ``views`` random clean test images (one batch, not the sample's views)."""
         if self._untargeted_moments is None:
-            from .._utils import evaluation_mode
-            from ..spade.sample_pruning import prunable_weights
-            from ..spade.second_moments import SecondMomentCollector
-
-            owners = prunable_weights(self.model)
-            layers = {name: owners[name] for name in self.pruning.layer_sparsity}
             pick = torch.randperm(len(self.data.test_labels), generator=torch.Generator().manual_seed(self.setup.seed))
-            batch = self.data.test_images[pick[: self.setup.views]]
-            collector = SecondMomentCollector(layers)
-            with evaluation_mode(self.model), torch.no_grad(), collector:
-                for start in range(0, len(batch), 256):
-                    self.model(batch[start : start + 256])
-            self._untargeted_moments = collector.moments
+            self._untargeted_moments = self.pruning.batch_moments((self.data.test_images[pick[: self.setup.views]],))
         return self._untargeted_moments
 
     def global_weights(self, config: Config) -> Dict[str, Tensor]:
@@ -296,17 +295,19 @@ class Runner:
         return self._global[config.name]
 
     def sample(self, entry: Dict) -> Tuple[Tensor, Tensor, int]:
-        return sample_of(self.data, entry)
+        return sample_of(self.triggered, entry)
 
-    def evaluate(self, entry: Dict, configs: Sequence[Config]) -> Dict:
-        """Dense and every configuration's AUCs for one sample, with phase timings."""
+    def evaluate(self, entry: Dict, configs: Sequence[Config], dense: Optional[Dict[str, float]] = None) -> Dict:
+        """Dense and every configuration's AUCs for one sample, with phase timings; ``dense``:
+        the sample's dense AUCs when already computed (the gate computes them)."""
         from ..interventions import swapped_parameters
 
         x, mask, target = self.sample(entry)
         times = {"moments": 0.0, "solve": 0.0, "attribution": 0.0}
-        started = time.perf_counter()
-        dense = map_aucs(self.methods, x, target, mask)
-        times["attribution"] += time.perf_counter() - started
+        if dense is None:
+            started = time.perf_counter()
+            dense = map_aucs(self.methods, x, target, mask)
+            times["attribution"] += time.perf_counter() - started
         out: Dict = {**entry, "target": target, "dense": dense, "configs": {}}
         moments, cache = None, {}
         # the sparsest OBC configuration first, so that one greedy run serves the others
@@ -400,7 +401,13 @@ def _append_row(path: str, row: Dict) -> None:
 
 
 def _run_rows(
-    runner: Runner, entries: Sequence[Dict], configs: Sequence[Config], path: str, desc: str, show: bool
+    runner: Runner,
+    entries: Sequence[Dict],
+    configs: Sequence[Config],
+    path: str,
+    desc: str,
+    show: bool,
+    dense: Optional[Dict[Tuple[int, int], Dict[str, float]]] = None,
 ) -> List[Dict]:
     from tqdm.auto import tqdm
 
@@ -409,7 +416,7 @@ def _run_rows(
     done = {(r["trigger"], r["index"]) for r in rows}
     todo = [e for e in entries if (e["trigger"], e["index"]) not in done]
     for entry in tqdm(todo, desc=desc, unit="sample", disable=not show):
-        row = runner.evaluate(entry, configs)
+        row = runner.evaluate(entry, configs, (dense or {}).get((entry["trigger"], entry["index"])))
         _append_row(path, row)
         rows.append(row)
     order = {(e["trigger"], e["index"]): i for i, e in enumerate(entries)}
@@ -452,13 +459,14 @@ def run_benchmark(setup: BenchmarkSetup, out_dir: str, log: Callable[[str], None
             raise ValueError(f"{out_dir} holds a run with other options; pass --fresh or another --out")
         meta = previous
     runner = Runner(setup, log)
-    entries = select_samples(runner.model, runner.data, setup.seed)
+    entries = select_samples(runner.model, runner.data, setup.seed, runner.triggered)
     if len(entries) < setup.tune + setup.report:
         raise ValueError(f"only {len(entries)} samples qualify; ask for fewer than --tune + --report")
     tune_entries, report_entries = entries[: setup.tune], entries[setup.tune : setup.tune + setup.report]
 
     log("gate: clean accuracy, attack success and the dense maps' AUC on the reported samples")
-    checked = gate(runner, dense_rows(runner, report_entries))
+    report_dense = dense_rows(runner, report_entries)
+    checked = gate(runner, report_dense)
     log(
         f"gate: clean accuracy {100 * checked['clean_accuracy']:.1f}% (>= 85), attack success "
         + ", ".join(f"{100 * checked[f'attack_success_{t}']:.1f}%" for t in range(3))
@@ -493,7 +501,8 @@ def run_benchmark(setup: BenchmarkSetup, out_dir: str, log: Callable[[str], None
         json.dump(meta, open(meta_path, "w"), indent=1)
     configs = configurations(setup, tuned)
     log(f"report: {len(configs)} configurations on {len(report_entries)} samples")
-    rows = _run_rows(runner, report_entries, configs, os.path.join(out_dir, "report.jsonl"), "report", show)
+    dense = {(r["trigger"], r["index"]): r["dense"] for r in report_dense}  # computed once, for the gate
+    rows = _run_rows(runner, report_entries, configs, os.path.join(out_dir, "report.jsonl"), "report", show, dense)
     summary = summarize(rows, configs, runner.model)
     claims = {}
     for solver in setup.solvers:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import math
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -204,10 +205,7 @@ class SampleTargetedPruning:
 
             >>> pruning.calibration_batch(image[None])[0].shape   # (n_augmentations, C, H, W)
         """
-        inputs_tuple = _one_sample(inputs)
-        if source is None:
-            return augmented_batch(inputs_tuple, self.n_augmentations, self.augment, self.seed)
-        return augmented_batch(inputs_tuple, self.n_augmentations, self.augment, self.seed, source=source)
+        return augmented_batch(_one_sample(inputs), self.n_augmentations, self.augment, self.seed, source=source)
 
     def second_moments(
         self,
@@ -234,7 +232,23 @@ class SampleTargetedPruning:
             >>> moments = pruning.second_moments(image[None])
             >>> moments["fc.weight"].hessian().shape     # (1, in_features, in_features)
         """
-        batch = self.calibration_batch(inputs, source)
+        return self.batch_moments(self.calibration_batch(inputs, source), additional_forward_args, forward_func)
+
+    def batch_moments(
+        self,
+        batch: Tuple[Tensor, ...],
+        additional_forward_args: Any = None,
+        forward_func: Optional[Callable[..., Any]] = None,
+    ) -> Dict[str, SecondMoment]:
+        """The second moments of the layers this pruning prunes over any ``batch`` (a tuple of
+        input tensors, one dense pass of at most ``internal_batch_size`` rows at a time): what
+        :meth:`second_moments` runs on the sample's calibration batch. Given other images, it
+        gives an untargeted pruning (the control that is not sample-targeted).
+
+        Examples::
+
+            >>> untargeted = pruning.solve(pruning.batch_moments((other_images,)))
+        """
         extra = format_additional_args(additional_forward_args)
         run = self.model if forward_func is None else forward_func
         owners = prunable_weights(self.model)
@@ -516,8 +530,7 @@ def _exact_names(model: nn.Module, sparsity: SparsityType) -> List[str]:
 
 def _kernel_size(module: nn.Module) -> int:
     """Columns of one input channel's kernel: ``kh*kw`` (``k`` for Conv1d), 1 for a Linear layer."""
-    size = getattr(module, "kernel_size", (1,))
-    return int(torch.tensor(size).prod())
+    return math.prod(getattr(module, "kernel_size", (1,)))
 
 
 def _pattern_matches_nothing(pattern: str, prunable: List[str], stem: Optional[str]) -> str:
