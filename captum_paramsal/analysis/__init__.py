@@ -1,12 +1,22 @@
 """The paper's analysis toolkit: pruning and fine-tuning tests, saliency-space neighbours,
-data-set profiles."""
+data-set profiles; beyond the paper, error groups with their culprit units and verified repair."""
 
 from .dataset_profiles import DatasetProfiles, dataset_profiles
+from .error_groups import CulpritUnit, ErrorGroup, ErrorGroups, Exemplars, error_groups
 from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, neighbour_correction
 from .index import SaliencyIndex, SemanticAgreement, semantic_agreement
+from .repair import RepairResult, RepairRow, repair
 from .turn_off_curves import PruningResult, pruning_curves
 
 __all__ = [
+    "CulpritUnit",
+    "ErrorGroup",
+    "ErrorGroups",
+    "Exemplars",
+    "RepairResult",
+    "RepairRow",
+    "error_groups",
+    "repair",
     "DatasetProfiles",
     "FineTuneResult",
     "NeighbourCorrection",

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Estimate", "bootstrap_mean", "paired_difference"]
+__all__ = ["Estimate", "bootstrap_draws_and_samples", "bootstrap_mean", "paired_difference"]
 
 
 @dataclass(frozen=True)
@@ -151,3 +151,51 @@ def paired_difference(
     if va.shape != vb.shape:
         raise ValueError(f"a and b must pair one value per sample, got {va.shape[0]} and {vb.shape[0]}")
     return bootstrap_mean(va - vb, resamples=resamples, seed=seed, level=level)
+
+
+def bootstrap_draws_and_samples(
+    values: Tensor,
+    resamples: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Estimate:
+    """The mean of a ``(draws, samples)`` table (a random control drawn several times, each
+    draw measured on the same samples) and its bootstrap interval, resampling the draws and
+    the samples independently: the interval covers both the luck of the draw and the choice
+    of samples. ``n`` is the number of samples.
+
+    One draw is :func:`bootstrap_mean` over the samples.
+
+    Raises:
+        ValueError: a table that is not 2-d, or as :func:`bootstrap_mean`.
+
+    Examples::
+
+        >>> fixed = torch.tensor([[1., 1., 0.], [0., 0., 0.]])   # 2 draws x 3 samples
+        >>> bootstrap_draws_and_samples(fixed).value
+        0.3333333333333333
+    """
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    if not isinstance(level, float) or not 0.0 < level < 1.0:
+        raise ValueError(f"level must be a float in (0, 1), got {level!r}")
+    if not isinstance(values, Tensor) or values.dim() != 2:
+        raise ValueError("values must be a 2-d (draws, samples) tensor")
+    v = values.detach().cpu().to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("values must be finite numbers")
+    draws, n = v.shape
+    if n == 0 or draws == 0:
+        nan = float("nan")
+        return Estimate(nan, nan, nan, 0, level)
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.empty(resamples, dtype=torch.float64)
+    for start in range(0, resamples, 256):  # bounded memory: 256 resampled tables at a time
+        count = min(256, resamples - start)
+        d = torch.randint(draws, (count, draws), generator=generator)
+        s = torch.randint(n, (count, n), generator=generator)
+        per_draw = v[d]  # (count, draws, n)
+        means[start : start + count] = per_draw.gather(2, s[:, None, :].expand(-1, draws, -1)).mean((1, 2))
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Estimate(float(v.mean()), float(low), float(high), n, level)
