@@ -4,7 +4,9 @@ For each explained sample: the image with its true and predicted class, its stan
 parameter-saliency profile (the paper's figure), its top salient units, and input saliency
 maps side by side: this library's parameter-guided input saliency, Captum's ``Saliency`` and
 ``IntegratedGradients``, all rendered the paper's way (:func:`~.visualization.paper_heatmap`).
-For the set: the turn-off test (pruning curves) when there are misclassified samples.
+For the set: the turn-off test (pruning curves) when there are misclassified samples, and,
+when given, the error groups (:func:`~.analysis.error_groups`): which misclassified samples
+share their culprit units, with a figure per group.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def write_report(
     pruning=None,
     indices: Optional[Sequence[int]] = None,
     noun: str = "sample",
+    groups=None,
+    max_groups: int = 6,
 ) -> str:
     """Write ``out_dir/report.html`` (and its figures) for ``inputs``; return its path.
 
@@ -95,6 +99,9 @@ def write_report(
             its position in ``inputs``).
         noun: what a sample is called in the report: ``"digit"`` titles a profile
             ``"digit 35 (label 3, predicted 5)"``.
+        groups: an :class:`~captum_paramsal.analysis.ErrorGroups` of these (or other) data:
+            a section lists the groups, their (true, predicted) pairs and culprit units, with
+            a figure for each of the ``max_groups`` largest.
 
     Figures are built without pyplot and written with ``Figure.savefig``: the caller's
     matplotlib backend (a notebook's, say) is left as it is.
@@ -163,10 +170,33 @@ def write_report(
             + _table_html(pruning.COLUMNS, pruning.formatted_rows())
             + '<img src="figures/pruning_curves.png" alt="pruning curves">'
         )
+    groups_html = _groups_html(groups, out_dir, classes, max_groups) if groups is not None else ""
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
-        f.write(_html(title, samples, classes, pruning_html, notes, prof.value_label, noun))
+        f.write(_html(title, samples, classes, pruning_html, notes, prof.value_label, noun, groups_html))
     return path
+
+
+def _groups_html(groups, out_dir: str, classes: Optional[Sequence[str]], max_groups: int) -> str:
+    parts = [
+        "<h2>Error groups</h2>",
+        f"<p>The {groups.num_misclassified} misclassified samples grouped by the cosine similarity of their "
+        f"standardized profiles ({len(groups)} groups; number of groups: {html.escape(groups.criterion)}). "
+        "A group's culprit units have the highest mean z over its samples; the percentage is the share of "
+        f"the group's samples on which the unit's z reaches {groups[0].z_threshold:g}. Exemplars: the "
+        "reference samples on which a culprit unit is most salient.</p>",
+    ]
+    rows = []
+    for g in groups:
+        pairs = ", ".join(f"{_name(classes, t)}→{_name(classes, p)} ({n})" for (t, p), n in g.pairs[:3])
+        units = "; ".join(f"{c.name}[{c.unit}] (z {c.score:.1f}, {c.consistency:.0%})" for c in g.culprits[:3])
+        rows.append((str(g.id), str(len(g)), pairs, units))
+    parts.append(_table_html(("group", "samples", "true → predicted", "top culprit units"), rows))
+    for g in list(groups)[:max_groups]:
+        figure = f"figures/error_group{g.id}.png"
+        g.plot().savefig(os.path.join(out_dir, figure), dpi=90)
+        parts.append(f"<div class='group'><h3>Group {g.id}</h3><img src='{figure}' alt='error group {g.id}'></div>")
+    return "\n".join(parts)
 
 
 def _table_html(columns, rows) -> str:
@@ -175,7 +205,7 @@ def _table_html(columns, rows) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _html(title, samples, classes, pruning_html, notes, value, noun) -> str:
+def _html(title, samples, classes, pruning_html, notes, value, noun, groups_html="") -> str:
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title>",
@@ -193,6 +223,8 @@ def _html(title, samples, classes, pruning_html, notes, value, noun) -> str:
     ]
     parts += [f"<p>{html.escape(n)}</p>" for n in notes]
     parts.append("<h2>Turning off salient units</h2>" + pruning_html)
+    if groups_html:
+        parts.append(groups_html)
     parts.append("<h2>Samples</h2>")
     for s in samples:
         rows = "".join(

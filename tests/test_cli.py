@@ -72,6 +72,9 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert f"Report: {report}" in out
     html = referenced_files_exist(report)
     assert html.count("<section>") == 2 and "pruning_curves.png" in html and "IntegratedGradients" in html
+    # the error groups: printed, and a section with one figure per group
+    assert "Error groups" in out and "| group | samples |" in out
+    assert "<h2>Error groups</h2>" in html and "figures/error_group0.png" in html
 
 
 def test_explain_digits_images(tmp_path, capsys):

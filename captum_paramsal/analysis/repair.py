@@ -192,16 +192,18 @@ def unit_weight_magnitude(model: nn.Module, layout: Any) -> Tensor:
     params = dict(model.named_parameters())
     out = torch.zeros(layout.num_columns, dtype=torch.float64)
     with torch.no_grad():
-        for column in range(layout.num_columns):
-            blocks = resolve_entries(model, [column], layout)
-            total, count = 0.0, 0
-            for name, indices in blocks.items():
+        for entry in layout:
+            # all of a parameter's (or a group's) units at once: each block has one row per unit,
+            # in ascending unit order (resolve_entries sorts them)
+            columns = list(range(entry.slice.start, entry.slice.stop))
+            total = torch.zeros(len(columns), dtype=torch.float64)
+            count = 0
+            for name, blocks in resolve_entries(model, columns, layout).items():
                 flat = params[name].detach().reshape(-1)
-                for index in indices:
-                    values = flat[index.reshape(-1).to(flat.device)]
-                    total += float(values.abs().double().sum())
-                    count += values.numel()
-            out[column] = total / max(count, 1)
+                for index in blocks:
+                    total += flat[index.to(flat.device)].abs().double().sum(1).cpu()
+                    count += index.shape[1]
+            out[entry.slice] = total / max(count, 1)
     return out
 
 

@@ -1,8 +1,9 @@
 """``captum-paramsal demo``: the embedded digits CNN explains its own mistakes.
 
 Finds the misclassified test digits, prints each one's top salient units, runs the turn-off
-test, and writes an HTML report (profiles, parameter-guided input saliency next to Captum's
-Saliency and IntegratedGradients, pruning curves). Nothing is downloaded; seconds on a CPU.
+test, groups the mistakes by their culprit units, and writes an HTML report (profiles,
+parameter-guided input saliency next to Captum's Saliency and IntegratedGradients, pruning
+curves, error groups). Nothing is downloaded; seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ._common import add_overwrite_argument, check_report_folder, make_room_for_
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="the embedded digits CNN: its mistakes, their salient units, the turn-off test, an HTML report",
+        help="the embedded digits CNN: its mistakes, their salient units, the turn-off test, error groups, "
+        "an HTML report",
         description="Explain the mistakes of the embedded CNN (trained by the project on scikit-learn's "
         "handwritten digits): print each misclassified test digit's most salient units, turn them off to "
         "see whether that corrects it, and write an HTML report.",
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .._core.parameter_saliency import ParameterSaliency
-    from ..analysis import pruning_curves
+    from ..analysis import error_groups, pruning_curves
     from ..html_report import write_report
     from ..zoo import load_digits_model
     from ..zoo.digits import CLASSES
@@ -63,10 +65,14 @@ def run(args: argparse.Namespace) -> int:
     pruning = pruning_curves(model, ps, x, y, ks=(1, 5, 10, 25, 50))
     print("\nTurn-off test over all misclassified digits: the share corrected after turning off k units\n")
     print(pruning.to_markdown())
+    groups = error_groups(ps, (x, y), progress=False)
+    print(f"\nError groups: the misclassified digits grouped by their standardized profiles "
+          f"({len(groups)} groups, {groups.criterion})\n")
+    print(groups.to_markdown())
     make_room_for_report(args.out)
     path = write_report(
         model, ps, x, y, args.out, classes=CLASSES, title="Why the digits CNN gets these digits wrong",
-        max_samples=args.samples, low_percentile=50.0, pruning=pruning, noun="test digit",
+        max_samples=args.samples, low_percentile=50.0, pruning=pruning, noun="test digit", groups=groups,
         notes=["Heat maps clip below the 50th percentile (the paper: 90th) because the digits are only 8x8."],
     )
     print(f"\nReport: {os.path.abspath(path)}  ({time.perf_counter() - started:.1f} s)")
