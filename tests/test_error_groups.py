@@ -266,3 +266,30 @@ def test_intervals():
     assert bootstrap_draws_and_samples(torch.ones(3, 5)).low == 1.0
     with pytest.raises(ValueError, match="2-d"):
         bootstrap_draws_and_samples(torch.ones(3))
+
+
+def test_repair_by_finetuning_edits_only_the_culprits(planted):
+    from captum_paramsal.analysis import finetune_units
+
+    model, ps, test, held_out = planted
+    groups = error_groups(ps, test, progress=False)
+    before = snapshot(model)
+    g = groups[0]
+    result = repair(model, ps, g, held_out, method="finetune", k=1, lr=0.05, max_steps=200, random_draws=3)
+    assert_unchanged(model, before)
+    culprits = result.rows["culprits"]
+    assert culprits.fix_group.value == 1.0 and culprits.fix_held_out.value > 0.9
+    assert culprits.collateral.value < 0.02
+    # the change is finetune_units on the group's samples, confined to the culprit's row
+    expected = finetune_units(model, culprits.columns, g.inputs[0], g.labels, layout=ps.layout, lr=0.05,
+                              max_steps=200)
+    assert set(result.delta) == {"0.weight"}
+    torch.testing.assert_close(result.delta["0.weight"], expected.delta["0.weight"])
+    unit = g.culprits[0].unit
+    others = torch.ones(8, dtype=torch.bool)
+    others[unit] = False
+    assert bool((result.delta["0.weight"][others] == 0).all())
+    with result.applied(model):
+        assert bool((model(g.inputs[0]).argmax(1) == g.labels).all())
+    assert_unchanged(model, before)
+    assert len(result.rows["random"].columns) == 3

@@ -15,6 +15,7 @@ from captum_paramsal.analysis import (
     pruning_curves,
     semantic_agreement,
 )
+from captum_paramsal.analysis.intervals import bootstrap_mean, paired_difference
 from captum_paramsal.experiments.reproduce import run
 from captum_paramsal.experiments.results_markdown import write_section
 from captum_paramsal.interventions import turn_off
@@ -61,11 +62,13 @@ def _says(flat_text: str, phrase: str) -> None:
     assert re.search(r"(?<![\d.])" + re.escape(phrase), flat_text), f"the section does not say {phrase!r}"
 
 
-def _verdict(flat_text: str, claim: str) -> bool:
-    """Whether the section says the claim holds: "**Claim: ... Holds here**" or "Does not hold here"."""
-    found = re.search(re.escape(claim) + r" (Holds here|Does not hold here)\*\*", flat_text)
+def _verdict(flat_text: str, claim: str) -> str:
+    """The section's verdict on the claim: "**Claim: ... Holds here**", "Does not hold here" or
+    "Weaker here (holds at lr ... only)"."""
+    found = re.search(re.escape(claim) + r" (Holds here|Does not hold here|Weaker here \(holds at lr [^)]*\))\*\*",
+                      flat_text)
     assert found, f"no verdict after {claim!r}"
-    return found.group(1) == "Holds here"
+    return found.group(1)
 
 
 @pytest.mark.slow
@@ -77,7 +80,7 @@ def test_reproduce_quick(tmp_path):
         assert (tmp_path / "figures" / name).read_bytes()[:4] == b"\x89PNG"
     for claim in ("pruning test", "neighbours are corrected", "semantically alike", "Mean profiles"):
         assert claim in text
-    assert text.count("Holds here") + text.count("Does not hold here") == 3
+    assert text.count("Holds here") + text.count("Does not hold here") + text.count("Weaker here") == 4
     flat = " ".join(text.split())  # sentences wrap anywhere
 
     # the same seeded inputs as the quick run: the first 300 test digits, the shipped statistics
@@ -113,25 +116,41 @@ def test_reproduce_quick(tmp_path):
                 + (f", not at k = {', '.join(map(str, lost))} " if lost else "."))
     pruning_holds = _verdict(flat, "salient units correct far more misclassified samples than random or least "
                                    "salient ones.")
-    assert pruning_holds == (1 in beats and len(beats) >= len(pruning.ks) - 1)
+    assert (pruning_holds == "Holds here") == (1 in beats and len(beats) >= len(pruning.ks) - 1)
 
-    # neighbour correction, both steps: each table row recounted from the records
-    rates = {}
+    # neighbour correction, both steps: each table row recounted from the records, the intervals
+    # recomputed over the samples they average, the two verdicts from the paired intervals
+    differences = {}
     for lr in (1e-3, 1e-4):
         result = neighbour_correction(model, ps, x, y, k=25, m=5, lr=lr, max_steps=500, seed=0, max_samples=8)
         assert result.num_misclassified == len(wrong) and len(result.records) == 8
         used = [r for r in result.records if r["self_corrected"]]
         assert used, "no fine-tuning corrected its sample: the rates below would be 0 / 0"
-        neighbours = sum(r["neighbours_corrected"] for r in used) / len(used)
-        random = sum(r["random_corrected"] for r in used) / len(used)
-        row = f"| {lr:g} | {len(wrong)} | {len(used)} of 8 | {neighbours:.1%} | {random:.1%} |"
-        assert row in text, f"the section has no row {row!r}"
-        rates[lr] = neighbours, random
-    neighbours, random = rates[1e-4]
-    _says(flat, f"{neighbours:.0%} of the neighbours against {random:.0%} of random misclassified digits "
-                f"({neighbours / max(random, 1e-9):.1f}x)")
-    assert _verdict(flat, "neighbours are corrected more often than random samples.") == all(
-        n > r for n, r in rates.values())
+        for kind, prefix in (("top-25 salient", ""), ("25 random", "random_")):
+            near = [r[prefix + "neighbours_corrected"] for r in used]
+            rest = [r[prefix + "others_corrected"] for r in used]
+            fixed = sum(bool(r[prefix + "self_corrected"]) for r in result.records)
+            steps = sum(r[prefix + "steps"] for r in result.records) / 8
+            row = (f"| {lr:g} | {kind} | {fixed} of 8 | {steps:.1f} | {bootstrap_mean(near).format(percent=True)} | "
+                   f"{bootstrap_mean(rest).format(percent=True)} | "
+                   f"{paired_difference(near, rest).format(percent=True, signed=True)} |")
+            assert row in text, f"the section has no row {row!r}"
+        salient = [r["neighbours_corrected"] for r in used]
+        random_units = [r["random_neighbours_corrected"] for r in used]
+        differences[lr] = (paired_difference(salient, [r["others_corrected"] for r in used]),
+                           paired_difference(salient, random_units))
+        assert f"| {lr:g} | {differences[lr][1].format(percent=True, signed=True)} |" in text
+    s = neighbour_correction(model, ps, x, y, k=25, m=5, lr=1e-4, max_steps=500, seed=0, max_samples=8,
+                             random_units=False).summary
+    _says(flat, f"{s['neighbours_corrected'].value:.0%} of the neighbours against "
+                f"{s['others_corrected'].value:.0%} of all the other misclassified digits")
+    assert (_verdict(flat, "neighbours are corrected more often than the other misclassified samples.")
+            == "Holds here") == all(d[0].low > 0 for d in differences.values())
+    above = [lr for lr, d in differences.items() if d[1].low > 0]
+    expected = ("Holds here" if len(above) == len(differences) else "Does not hold here" if not above
+                else "Weaker here (holds at lr " + ", ".join(f"{lr:g}" for lr in above) + " only)")
+    assert _verdict(flat, "it takes the salient units: fine-tuning random units instead corrects fewer "
+                          "neighbours.") == expected
 
     # semantic agreement: the tables recomputed, the same-class rate recounted from the neighbours
     index = SaliencyIndex(ps.attribute(x, target=y).detach(), layout=ps.layout)
@@ -144,7 +163,7 @@ def test_reproduce_quick(tmp_path):
     pair_ratio = agreement_wrong.same_pair / max(agreement_wrong.same_pair_chance, 1e-9)
     _says(flat, f"share the true class {class_ratio:.1f}x as often as chance")
     _says(flat, f"share the (true, predicted) pair {pair_ratio:.1f}x as often as chance")
-    assert _verdict(flat, "samples whose profiles are close are semantically alike.") == (
+    assert (_verdict(flat, "samples whose profiles are close are semantically alike.") == "Holds here") == (
         min(class_ratio, pair_ratio) > 1.5)
 
     # mean profiles: the table recomputed, the count of layers where misclassified digits are higher

@@ -3,7 +3,7 @@ data-set profiles; beyond the paper, error groups with their culprit units and v
 
 from .dataset_profiles import DatasetProfiles, dataset_profiles
 from .error_groups import CulpritUnit, ErrorGroup, ErrorGroups, Exemplars, error_groups
-from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, neighbour_correction
+from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, finetune_units, neighbour_correction
 from .index import SaliencyIndex, SemanticAgreement, semantic_agreement
 from .repair import RepairResult, RepairRow, repair
 from .turn_off_curves import PruningResult, pruning_curves
@@ -25,6 +25,7 @@ __all__ = [
     "SemanticAgreement",
     "dataset_profiles",
     "finetune_salient",
+    "finetune_units",
     "neighbour_correction",
     "pruning_curves",
     "semantic_agreement",

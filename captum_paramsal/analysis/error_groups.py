@@ -248,7 +248,8 @@ class ErrorGroups:
         groups (list of ErrorGroup): largest first.
         layout (SaliencyLayout): the columns.
         num_samples, num_misclassified (int): samples seen; those misclassified.
-        criterion (str): how the number of groups was chosen: ``"given"`` or ``"silhouette"``.
+        criterion (str): how the number of groups was chosen: ``"given"``, ``"silhouette"``
+            (with a note when k is the largest tried), or why there is one group.
         silhouettes (dict): ``{k: mean silhouette}`` for every k tried (empty when given).
         assignment (Tensor): ``(num_misclassified,)`` each misclassified sample's group id.
 
@@ -334,11 +335,11 @@ def _show(ax: Any, image: Tensor) -> None:
     ax.set_yticks([])
 
 
-def _choose_groups(unit: Tensor, n_groups: Optional[int], max_groups: int, seed: int
+def _choose_groups(unit: Tensor, n_groups: Optional[int], max_groups: int, min_group_size: int, seed: int
                    ) -> Tuple[Tensor, str, Dict[int, float]]:
     """Spherical k-means on unit-norm profiles (k-means on the unit sphere groups by cosine);
     the number of groups given, or the k in 2..max_groups of the highest mean silhouette
-    under the cosine distance."""
+    under the cosine distance among those whose groups all hold ``min_group_size`` samples."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
@@ -350,20 +351,24 @@ def _choose_groups(unit: Tensor, n_groups: Optional[int], max_groups: int, seed:
 
     if n_groups is not None:
         return torch.as_tensor(fit(n_groups)), "given", {}
-    if n < 3:
-        return torch.zeros(n, dtype=torch.long), "too few samples to split", {}
+    one = torch.zeros(n, dtype=torch.long)
+    if n < max(3, 2 * min_group_size):
+        return one, "one group (too few samples to split)", {}
     silhouettes: Dict[int, float] = {}
     best = None
-    for k in range(2, min(max_groups, n - 1) + 1):
+    for k in range(2, min(max_groups, n // min_group_size) + 1):
         labels = fit(k)
-        if len(set(labels.tolist())) < 2:
+        sizes = Counter(labels.tolist())
+        if len(sizes) < k or min(sizes.values()) < min_group_size:
             continue
         silhouettes[k] = float(silhouette_score(points, labels, metric="cosine"))
         if best is None or silhouettes[k] > silhouettes[best[0]]:
             best = (k, labels)
     if best is None:
-        return torch.zeros(n, dtype=torch.long), "no split found", silhouettes
-    return torch.as_tensor(best[1]), "silhouette", silhouettes
+        return one, f"one group (no split into groups of >= {min_group_size})", silhouettes
+    at_cap = " (the largest k tried: more groups may fit better)" if best[0] == max(silhouettes) and \
+        best[0] == max_groups else ""
+    return torch.as_tensor(best[1]), "silhouette" + at_cap, silhouettes
 
 
 class _RunningTop:
@@ -405,6 +410,7 @@ def error_groups(
     exemplars: int = 4,
     reference: Any = None,
     z_threshold: float = 2.0,
+    min_group_size: int = 3,
     seed: int = 0,
     max_samples: Optional[int] = None,
     progress: bool = True,
@@ -419,8 +425,10 @@ def error_groups(
     2. The misclassified samples are clustered by cosine similarity of their z-profiles:
        k-means on the profiles scaled to unit length (scikit-learn's ``KMeans``, 10 starts,
        seeded), with ``n_groups`` groups, or else the k in ``2..max_groups`` with the highest
-       mean silhouette under the cosine distance (``criterion="silhouette"``; with fewer than
-       3 misclassified samples they form one group). Groups are numbered largest first.
+       mean silhouette under the cosine distance among the k whose groups all hold at least
+       ``min_group_size`` samples (``criterion`` says which, and whether k hit
+       ``max_groups``; when no k qualifies, all misclassified samples form one group).
+       Groups are numbered largest first.
     3. A group's culprit units are ranked by their mean z over the group's samples (ties:
        by consistency, then column); consistency is the share of the group's samples with
        ``z >= z_threshold``.
@@ -443,6 +451,7 @@ def error_groups(
         reference: the reference data for exemplars, in the forms of ``data``; default the
             correctly classified samples of ``data``.
         z_threshold: the z a unit must reach on a sample to count toward its consistency.
+        min_group_size: when choosing the number of groups, the smallest group allowed.
         seed: seeds k-means.
         max_samples: read at most this many samples of ``data``.
         progress: tqdm progress bars over the data.
@@ -473,7 +482,9 @@ def error_groups(
             "error_groups needs standardized profiles, but ps.stats is None: set "
             "ps.stats = ps.fit_stats(reference_data) first"
         )
-    for name, value, low in (("max_groups", max_groups, 2), ("culprits", culprits, 1), ("exemplars", exemplars, 1)):
+    checked = (("max_groups", max_groups, 2), ("culprits", culprits, 1), ("exemplars", exemplars, 1),
+               ("min_group_size", min_group_size, 1))
+    for name, value, low in checked:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if n_groups is not None and (isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1):
@@ -534,7 +545,7 @@ def error_groups(
     indices_wrong = torch.cat(wrong_parts["indices"])
 
     unit = torch.nn.functional.normalize(z_wrong, dim=1)
-    assignment, criterion, silhouettes = _choose_groups(unit, n_groups, max_groups, seed)
+    assignment, criterion, silhouettes = _choose_groups(unit, n_groups, max_groups, min_group_size, seed)
     # renumber: largest group first, ties by the first sample's position
     sizes = Counter(assignment.tolist())
     order = sorted(sizes, key=lambda g: (-sizes[g], int((assignment == g).nonzero()[0])))

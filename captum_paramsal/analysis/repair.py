@@ -335,6 +335,8 @@ def repair(
         raise ValueError(f"k must be an int between 1 and the number of units ({columns}), got {k!r}")
     if isinstance(random_draws, bool) or not isinstance(random_draws, int) or random_draws < 1:
         raise ValueError(f"random_draws must be a positive int, got {random_draws!r}")
+    if method == "finetune" and len(group.inputs) != 1:
+        raise ValueError(f"method='finetune' needs a model of one input, the group's samples have {len(group.inputs)}")
     pairs = [pair for pair, _ in group.pairs]
     device = device_of(ps)
     with evaluation_mode(model):
@@ -360,7 +362,7 @@ def repair(
                 return lambda: turn_off(model, chosen, bias=bias, layout=ps.layout)
             from .finetune import finetune_units
 
-            tuned = finetune_units(model, chosen, group_x, group_y.to(device), layout=ps.layout, lr=lr,
+            tuned = finetune_units(model, chosen, group_x[0], group_y.to(device), layout=ps.layout, lr=lr,
                                    max_steps=max_steps)
             deltas.append(tuned.delta)
             return lambda: tuned.applied(model)
