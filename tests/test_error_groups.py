@@ -293,3 +293,34 @@ def test_repair_by_finetuning_edits_only_the_culprits(planted):
         assert bool((model(g.inputs[0]).argmax(1) == g.labels).all())
     assert_unchanged(model, before)
     assert len(result.rows["random"].columns) == 3
+
+
+def test_heads_and_neurons_weight_magnitude_groups_and_repair():
+    """Under unit schemes (attention heads, MLP neurons) of a TransformerEncoder."""
+    from captum_paramsal.units import resolve_entries
+    from test_unit_schemes import _Encoder
+
+    torch.manual_seed(3)
+    model = _Encoder()
+    x = torch.randn(40, 5, 16, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,))
+    for scheme in ("heads", "neurons"):
+        ps = ParameterSaliency(model, units=scheme)
+        ps.stats = ps.fit_stats([(x[:20], y[:20])], progress=False)
+        magnitude = unit_weight_magnitude(model, ps.layout)
+        params = dict(model.named_parameters())
+        group_columns = [c for e in ps.layout if e.is_group for c in range(e.slice.start, e.slice.stop)]
+        assert group_columns
+        for column in group_columns + [0, ps.layout.num_columns - 1]:  # one unit at a time, by hand
+            values = torch.cat([params[name].detach().reshape(-1)[index.reshape(-1)]
+                                for name, blocks in resolve_entries(model, [column], ps.layout).items()
+                                for index in blocks])
+            assert float(magnitude[column]) == pytest.approx(float(values.abs().mean()), rel=1e-12)
+        before = snapshot(model)
+        groups = error_groups(ps, (x[20:], y[20:]), n_groups=2, culprits=3, progress=False)
+        assert sum(len(g) for g in groups) == groups.num_misclassified
+        result = repair(model, ps, groups[0], (x[:20], y[:20]), k=1, random_draws=2)
+        with turn_off(model, result.rows["culprits"].columns, layout=ps.layout), torch.no_grad():
+            fixed = (model(groups[0].inputs[0]).argmax(1) == groups[0].labels).double().mean()
+        assert result.rows["culprits"].fix_group.value == pytest.approx(float(fixed))
+        assert_unchanged(model, before)

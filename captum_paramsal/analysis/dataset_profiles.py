@@ -311,4 +311,5 @@ def device_of(ps: ParameterSaliency) -> torch.device:
         device(type='cuda', index=0)
     """
     params = dict(ps.model.named_parameters(remove_duplicate=False))
-    return params[ps.layout[0].name].device
+    # a layout entry may be a head or neuron group, named by its module: ask a parameter of it
+    return params[ps.layout.parameter_names[0]].device
