@@ -297,8 +297,9 @@ def test_repair_by_finetuning_edits_only_the_culprits(planted):
 
 def test_heads_and_neurons_weight_magnitude_groups_and_repair():
     """Under unit schemes (attention heads, MLP neurons) of a TransformerEncoder."""
-    from captum_paramsal.units import resolve_entries
     from test_unit_schemes import _Encoder
+
+    from captum_paramsal.units import resolve_entries
 
     torch.manual_seed(3)
     model = _Encoder()
