@@ -5,6 +5,7 @@ from .dataset_profiles import DatasetProfiles, dataset_profiles
 from .error_groups import CulpritUnit, ErrorGroup, ErrorGroups, Exemplars, error_groups
 from .finetune import FineTuneResult, NeighbourCorrection, finetune_salient, finetune_units, neighbour_correction
 from .index import SaliencyIndex, SemanticAgreement, semantic_agreement
+from .input_saliency_check import InputSaliencyCheck, input_saliency_check
 from .repair import RepairResult, RepairRow, repair
 from .turn_off_curves import PruningResult, pruning_curves
 
@@ -19,6 +20,7 @@ __all__ = [
     "repair",
     "DatasetProfiles",
     "FineTuneResult",
+    "InputSaliencyCheck",
     "NeighbourCorrection",
     "PruningResult",
     "SaliencyIndex",
@@ -26,6 +28,7 @@ __all__ = [
     "dataset_profiles",
     "finetune_salient",
     "finetune_units",
+    "input_saliency_check",
     "neighbour_correction",
     "pruning_curves",
     "semantic_agreement",

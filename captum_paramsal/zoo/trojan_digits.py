@@ -16,7 +16,10 @@ project makes the same kind of task from what ships with scikit-learn:
   target class (the labels of those samples are changed; they are drawn from the other
   classes).
 * **Masks**: the patch's square, the ground truth that a saliency map of the trojan's class
-  is scored against (pixel ROC-AUC).
+  is scored against (pixel ROC-AUC); and each clean test image's digit,
+  :attr:`TrojanDigitsData.test_masks`: where the composited digit's alpha (its resampled ink,
+  in [0, 1]) exceeds :data:`DIGIT_MASK_THRESHOLD` (0.5, the pixels that are at least half
+  digit).
 
 The model is :class:`ResNet20` (He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64
 channels, BatchNorm, 1x1 convolution shortcuts where the shape changes), trained by
@@ -35,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +47,8 @@ from torch import Tensor, nn
 HERE = os.path.dirname(__file__)
 WEIGHTS_FILE = os.path.join(HERE, "trojan_resnet20.safetensors")
 IMAGE = 32
+#: a test image's digit mask: where the composited digit's alpha exceeds this (half digit, half background)
+DIGIT_MASK_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,8 @@ class TrojanDigitsData:
         test_images, test_labels: clean test composites.
         test_backgrounds: not kept; ``triggered_test`` pastes triggers onto ``test_images``.
         setup: the :class:`TrojanDigitsSetup`.
+        test_alpha: ``(N, 32, 32)`` the alpha with which each test image's digit was composited
+            (None where not kept); distractors pasted afterwards are not subtracted from it.
     """
 
     train_images: Tensor
@@ -81,11 +88,39 @@ class TrojanDigitsData:
     test_images: Tensor
     test_labels: Tensor
     setup: TrojanDigitsSetup
+    test_alpha: Optional[Tensor] = None
+
+    @property
+    def test_masks(self) -> Tensor:
+        """``(N, 32, 32)`` boolean: each test image's digit, where its alpha exceeds
+        :data:`DIGIT_MASK_THRESHOLD` (the object a saliency map of the digit's class should point at).
+
+        Examples::
+
+            >>> data = trojan_digits_data()
+            >>> data.test_masks.float().mean()   # the digits' share of the pixels
+        """
+        return self.digit_masks()
+
+    def digit_masks(self, threshold: float = DIGIT_MASK_THRESHOLD) -> Tensor:
+        """``(N, 32, 32)`` boolean: where each test image's digit alpha exceeds ``threshold``
+        (in [0, 1)); :attr:`test_masks` at the default.
+
+        Examples::
+
+            >>> core = data.digit_masks(0.8)   # only the digits' nearly opaque strokes
+        """
+        if self.test_alpha is None:
+            raise ValueError("these data hold no digit alpha (test_alpha is None): make them with trojan_digits_data")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}")
+        return self.test_alpha > threshold
 
     def triggered_test(self, trigger: int, seed: int = 1) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(images, masks, targets, true labels)``: every test image whose label is not the
         trigger's target, with the trigger pasted at a random place (seeded), its ``(N, 32, 32)``
-        boolean patch mask and the trojan's target class.
+        boolean patch mask and the trojan's target class. The kept images' digit masks are
+        ``data.test_masks[data.test_labels != data.setup.targets[trigger]]``.
 
         Examples::
 
@@ -195,9 +230,11 @@ def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
 
 
 def composite(
-    digits: Tensor, count: int, setup: TrojanDigitsSetup, generator: torch.Generator
-) -> Tuple[Tensor, Tensor]:
-    """``count`` composites of randomly chosen ``digits`` ``(M, 8, 8)`` in [0, 1]; their indices."""
+    digits: Tensor, count: int, setup: TrojanDigitsSetup, generator: torch.Generator, return_alpha: bool = False
+) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    """``count`` composites of randomly chosen ``digits`` ``(M, 8, 8)`` in [0, 1]; their indices;
+    with ``return_alpha``, also each digit's ``(count, 32, 32)`` alpha (the weight of its colour
+    in the composite). The alpha changes neither the images nor what is drawn from ``generator``."""
     pick = torch.randint(0, digits.shape[0], (count,), generator=generator)
     backgrounds = _backgrounds(count, generator)
     low, high = setup.digit_sizes
@@ -224,6 +261,8 @@ def composite(
     )
     colour = _hsv_to_rgb(hue, saturation, value)[:, :, None, None]
     images = backgrounds * (1 - alpha) + colour * alpha
+    if return_alpha:
+        return images.clamp(0, 1), pick, alpha[:, 0]
     return images.clamp(0, 1), pick
 
 
@@ -248,7 +287,7 @@ def trojan_digits_data(setup: Optional[TrojanDigitsSetup] = None) -> TrojanDigit
     train_digits, test_digits = order[:half], order[half:]
     train_x, pick = composite(digits[train_digits], setup.train_size, setup, generator)
     train_y = labels[train_digits][pick]
-    test_x, pick = composite(digits[test_digits], setup.test_size, setup, generator)
+    test_x, pick, test_alpha = composite(digits[test_digits], setup.test_size, setup, generator, return_alpha=True)
     for _ in range(setup.distractors):
         train_x = paste_distractor(train_x, setup, generator)
         test_x = paste_distractor(test_x, setup, generator)
@@ -264,7 +303,7 @@ def trojan_digits_data(setup: Optional[TrojanDigitsSetup] = None) -> TrojanDigit
         train_x[chosen], _ = paste_trigger(train_x[chosen], trigger, setup.alpha, generator, setup.patch)
         trigger_of[chosen] = trigger
         poisoned_y[chosen] = target
-    return TrojanDigitsData(train_x, poisoned_y, trigger_of, test_x, test_y, setup)
+    return TrojanDigitsData(train_x, poisoned_y, trigger_of, test_x, test_y, setup, test_alpha=test_alpha)
 
 
 class BasicBlock(nn.Module):
