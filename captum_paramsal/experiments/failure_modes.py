@@ -150,8 +150,8 @@ def run(out_dir: str = "docs", quick: bool = False) -> str:
     torch.manual_seed(0)
     figures = os.path.join(out_dir, "figures")
     os.makedirs(figures, exist_ok=True)
-    draws = 2 if quick else 10
-    finetune_steps = 10 if quick else 100
+    draws = 1 if quick else 10
+    finetune_steps = 5 if quick else 100
     repaired_groups = 1 if quick else 4
 
     # -- the digits CNN: groups on the first half of the test digits, repairs on the second --------
@@ -177,14 +177,14 @@ def run(out_dir: str = "docs", quick: bool = False) -> str:
     trojan, tdata = load_trojan_resnet()
     tps = ParameterSaliency(trojan)
     clean = tdata.train_trigger == -1
-    reference = 200 if quick else 1000
+    reference = 100 if quick else 1000
     tps.stats = tps.fit_stats(_batches(tdata.train_images[clean][:reference], tdata.train_labels[clean][:reference]),
                               progress=False)
-    test_half = 200 if quick else 1000
-    per_trigger = (10, 20) if quick else (60, 200)
+    test_half = 100 if quick else 1000
+    per_trigger = (8, 10) if quick else (60, 200)
     xa, ya, ta, xb, yb, tb = _trojan_sets(tdata, test_half, per_trigger)
     if quick:
-        xb, yb, tb = xb[-300:], yb[-300:], tb[-300:]
+        xb, yb, tb = xb[-150:], yb[-150:], tb[-150:]
     trojan_groups = error_groups(tps, _batches(xa, ya), progress=False)
     sources, recovered = _sources_table(trojan_groups, ta, tdata.setup.targets)
     trojan_results: Dict[Tuple[int, str], Any] = {}
@@ -195,6 +195,7 @@ def run(out_dir: str = "docs", quick: bool = False) -> str:
                 trojan, tps, g, (xb, yb), method=method, k=K, random_draws=draws, lr=1e-3,
                 max_steps=finetune_steps, seed=0,
             )
+            print(f"trojan group {g.id}, {method}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     trojan_groups[0].plot().savefig(os.path.join(figures, "error_group_trojan.png"), dpi=90)
     trojan_results[(trojan_groups[0].id, "turn_off")].plot().savefig(
         os.path.join(figures, "repair_trojan.png"), dpi=100)
@@ -232,11 +233,11 @@ Groups are found on one half of each test set; every repair is measured on the o
 (loss at the true label; k-means on unit-length profiles, the number of groups by the highest
 mean silhouette among groups of at least 3); a group's culprit units have the highest mean z
 over its samples. `repair` edits only the group's top {K} culprits, by turning them off or by
-fine-tuning them on the group's samples (plain steps of 0.001, at most {100 if not quick else 10}), and
+fine-tuning them on the group's samples (plain steps of 0.001, at most {100 if not quick else 5}), and
 reports three rates with 95% bootstrap intervals: the group's samples now right, the held-out
 misclassified samples with the group's (true, predicted) pairs now right, and the correctly
 classified held-out samples now wrong (collateral damage). Controls edit {K} other units the same way:
-`random` ({10 if not quick else 2} draws; the interval resamples draws and samples), `gradient` (largest mean
+`random` ({10 if not quick else 1} draws; the interval resamples draws and samples), `gradient` (largest mean
 |grad| over the group, no standardization), `weight` (largest mean |weight| in the model). The
 last two columns are culprits minus control on the held-out fix rate and on collateral damage,
 paired over the same samples.
@@ -294,7 +295,7 @@ of {len(all_verdicts)}).
 ### The paper's neighbour test on the trojaned ResNet-20, with its controls
 
 The first {s['fine_tuned']} of the {correction.num_misclassified} clean misclassified test images (first half): each
-fine-tuned on its top-25 units (steps of 0.001, at most {100 if not quick else 10}); then the share of its 5 nearest
+fine-tuned on its top-25 units (steps of 0.001, at most {100 if not quick else 5}); then the share of its 5 nearest
 saliency-space neighbours among the other clean misclassified images that the change corrects, against all the
 others, and the same fine-tuning on 25 random units. Rates over the {s['self_corrected']} images the top-25
 fine-tuning corrected.
