@@ -72,11 +72,18 @@ class Estimate:
 
 
 def _as_vector(values: Union[Tensor, Sequence[Any]], what: str) -> Tensor:
-    v = values.detach().cpu() if isinstance(values, Tensor) else torch.as_tensor(list(values))
+    # Python numbers straight to float64: through float32 they would lose digits
+    v = values.detach().cpu() if isinstance(values, Tensor) else torch.as_tensor(list(values), dtype=torch.float64)
     v = v.to(torch.float64).reshape(-1)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{what} must be finite numbers")
     return v
+
+
+def _estimate(v: Tensor, means: Tensor, n: int, level: float) -> Estimate:
+    tail = round((1.0 - level) / 2, 12)  # 0.95 -> exactly 0.025, not 0.025000000000000022
+    low, high = float(torch.quantile(means, tail)), float(torch.quantile(means, 1.0 - tail))
+    return Estimate(float(v.mean()), low, high, n, level)
 
 
 def bootstrap_mean(
@@ -124,9 +131,7 @@ def bootstrap_mean(
         return Estimate(nan, nan, nan, 0, level)
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     means = v[torch.randint(n, (resamples, n), generator=generator)].mean(1)
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return Estimate(float(v.mean()), float(low), float(high), n, level)
+    return _estimate(v, means, n, level)
 
 
 def paired_difference(
@@ -196,6 +201,4 @@ def bootstrap_draws_and_samples(
         s = torch.randint(n, (count, n), generator=generator)
         per_draw = v[d]  # (count, draws, n)
         means[start : start + count] = per_draw.gather(2, s[:, None, :].expand(-1, draws, -1)).mean((1, 2))
-    tail = (1.0 - level) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
-    return Estimate(float(v.mean()), float(low), float(high), n, level)
+    return _estimate(v, means, n, level)

@@ -345,13 +345,12 @@ def mean_auc(aucs: Dict[str, float]) -> float:
 
 
 def bootstrap_interval(values: Sequence[float], seed: int = 0, resamples: int = 2000) -> Tuple[float, float, float]:
-    """``(mean, low, high)``: the mean and its 95% percentile bootstrap interval."""
-    v = torch.tensor(list(values), dtype=torch.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    idx = torch.randint(0, len(v), (resamples, len(v)), generator=torch.Generator().manual_seed(seed))
-    means = v[idx].mean(1)
-    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+    """``(mean, low, high)``: the mean and its 95% percentile bootstrap interval
+    (:func:`~captum_paramsal.analysis.intervals.bootstrap_mean`)."""
+    from ..analysis.intervals import bootstrap_mean
+
+    e = bootstrap_mean(list(values), resamples=resamples, seed=seed)
+    return e.value, e.low, e.high
 
 
 def gains(rows: Sequence[Dict], name: str) -> List[float]:

@@ -108,11 +108,12 @@ def corrected_with(
 
 
 def bootstrap_interval(values: Tensor, resamples: int, generator: torch.Generator) -> Tuple[float, float]:
-    """95% percentile interval of the mean of ``values`` (resampled with replacement)."""
-    n = values.shape[0]
-    draws = torch.randint(n, (resamples, n), generator=generator)
-    means = values.double()[draws].mean(1)
-    return float(torch.quantile(means, 0.025)), float(torch.quantile(means, 0.975))
+    """95% percentile interval of the mean of ``values`` (resampled with replacement), drawn from
+    ``generator`` (:func:`~captum_paramsal.analysis.intervals.bootstrap_mean`)."""
+    from ..analysis.intervals import bootstrap_mean
+
+    e = bootstrap_mean(values, resamples=resamples, generator=generator)
+    return e.low, e.high
 
 
 def _paired(difference: Tensor, resamples: int, generator: torch.Generator) -> Tuple[float, float, float]:
