@@ -36,6 +36,7 @@ Examples::
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import operator
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -451,3 +452,57 @@ def _show(unit: Any) -> str:
 def _hint(name: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(known), n=3)
     return f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+
+
+class UnitEntries:
+    """Each layout column's flat entries (row-major) in each parameter it spans, resolved once
+    per layout entry (on first use) by :func:`resolve_entries`, the function
+    :func:`~captum_paramsal.interventions.turn_off` resolves units with: turning off a set of
+    columns zeroes exactly the union of their entries. For code that visits many units (the
+    turn-off test's interventions, each unit's weight magnitude) without resolving each alone.
+
+    Examples::
+
+        >>> entries = UnitEntries(model, ps.layout)
+        >>> blocks, row = entries.blocks(12)      # [(name, (units, entries))], column 12's row in each
+        >>> entries.names([12, 400])              # the parameters turning off both edits
+    """
+
+    def __init__(self, model: nn.Module, layout: SaliencyLayout) -> None:
+        self.model, self.layout = model, layout
+        self._entries = [e for e in layout if e.num_units > 0]
+        self._starts = [e.slice.start for e in self._entries]
+        self._blocks: Dict[int, List[Tuple[str, Tensor]]] = {}
+
+    def _of_entry(self, position: int) -> List[Tuple[str, Tensor]]:
+        blocks = self._blocks.get(position)
+        if blocks is None:
+            entry = self._entries[position]
+            columns = list(range(entry.slice.start, entry.slice.stop))
+            # one row per unit, the units in column order (resolve_entries sorts each kind's units)
+            resolved = resolve_entries(self.model, columns, self.layout)
+            blocks = []
+            for name, pieces in resolved.items():
+                for piece in pieces:
+                    if piece.shape[0] != len(columns):  # pragma: no cover - a layout resolve_entries splits
+                        raise RuntimeError(f"layout entry {entry.name!r} does not resolve to one block per unit")
+                    blocks.append((name, piece))
+            self._blocks[position] = blocks
+        return blocks
+
+    def _locate(self, column: int) -> Tuple[int, int]:
+        position = bisect.bisect_right(self._starts, column) - 1
+        return position, column - self._starts[position]
+
+    def blocks(self, column: int) -> Tuple[List[Tuple[str, Tensor]], int]:
+        """``([(parameter name, (units, entries) flat indices)], the column's row in each)``."""
+        position, unit = self._locate(column)
+        return self._of_entry(position), unit
+
+    def names(self, columns: Sequence[int]) -> List[str]:
+        """The parameters that turning off ``columns`` edits."""
+        found: Dict[str, None] = {}
+        for column in columns:
+            for name, _ in self.blocks(column)[0]:
+                found[name] = None
+        return list(found)

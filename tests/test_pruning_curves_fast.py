@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from captum_paramsal import ParameterSaliency
 from captum_paramsal.analysis import pruning_curves, turn_off_curves
 from captum_paramsal.interventions import edited_values, turn_off
+from captum_paramsal.units import UnitEntries
 
 from helpers import TiedLinears, assert_unchanged, snapshot
 
@@ -229,7 +230,7 @@ def test_each_units_entries_turn_off_what_turn_off_does():
     (spanning q, k, v and the output projection) and transposed convolutions included."""
     for model, units_scheme in [(encoder(), ("heads", "neurons")), (bn_cnn(), "rows")]:
         layout = ParameterSaliency(model, units=units_scheme).layout
-        units = turn_off_curves._UnitEntries(model, layout)
+        units = UnitEntries(model, layout)
         params = dict(model.named_parameters())
         g = torch.Generator().manual_seed(6)
         sets = [torch.randperm(layout.num_columns, generator=g)[:k].tolist() for k in (1, 2, 5, layout.num_columns)]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .._utils import evaluation_mode
 from ..data import labelled_batches
 from ..interventions import turn_off
-from ..units import resolve_entries
+from ..units import UnitEntries
 from .dataset_profiles import device_of, predict
 from .error_groups import ErrorGroup, as_batches
 from .intervals import Estimate, bootstrap_draws_and_samples
@@ -190,19 +190,20 @@ def unit_weight_magnitude(model: nn.Module, layout: Any) -> Tensor:
         torch.Size([1234])
     """
     params = dict(model.named_parameters())
+    units = UnitEntries(model, layout)
     out = torch.zeros(layout.num_columns, dtype=torch.float64)
     with torch.no_grad():
         for entry in layout:
-            # all of a parameter's (or a group's) units at once: each block has one row per unit,
-            # in ascending unit order (resolve_entries sorts them)
-            columns = list(range(entry.slice.start, entry.slice.stop))
-            total = torch.zeros(len(columns), dtype=torch.float64)
+            if entry.num_units == 0:
+                continue
+            # all of the entry's units at once: each block has one row per unit, in unit order
+            blocks, _ = units.blocks(entry.slice.start)
+            total = torch.zeros(entry.num_units, dtype=torch.float64)
             count = 0
-            for name, blocks in resolve_entries(model, columns, layout).items():
+            for name, index in blocks:
                 flat = params[name].detach().reshape(-1)
-                for index in blocks:
-                    total += flat[index.to(flat.device)].abs().double().sum(1).cpu()
-                    count += index.shape[1]
+                total += flat[index.to(flat.device)].abs().double().sum(1).cpu()
+                count += index.shape[1]
             out[entry.slice] = total / max(count, 1)
     return out
 
@@ -355,17 +356,15 @@ def repair(
             return {"fix_group": right[parts["fix_group"]], "fix_held_out": right[parts["fix_held_out"]],
                     "collateral": 1.0 - right[parts["collateral"]]}
 
-        deltas: List[Optional[Dict[str, Tensor]]] = []
-
-        def editor(chosen: List[int]) -> Callable[[], ContextManager]:
+        def editor(chosen: List[int]) -> Tuple[Callable[[], ContextManager], Optional[Dict[str, Tensor]]]:
+            """The edit of ``chosen`` as a context-manager factory, and the fine-tuning's change."""
             if method == "turn_off":
-                return lambda: turn_off(model, chosen, bias=bias, layout=ps.layout)
+                return (lambda: turn_off(model, chosen, bias=bias, layout=ps.layout)), None
             from .finetune import finetune_units
 
             tuned = finetune_units(model, chosen, group_x[0], group_y.to(device), layout=ps.layout, lr=lr,
                                    max_steps=max_steps)
-            deltas.append(tuned.delta)
-            return lambda: tuned.applied(model)
+            return (lambda: tuned.applied(model)), tuned.delta
 
         choices: Dict[str, List[List[int]]] = {"culprits": [group.ranked_columns(k)]}
         if "random" in controls:
@@ -380,9 +379,12 @@ def repair(
         rows: Dict[str, RepairRow] = {}
         culprit_delta = None
         for name, draws in choices.items():
-            per_draw = [outcomes(editor(chosen)) for chosen in draws]
-            if name == "culprits" and method == "finetune":
-                culprit_delta = deltas[0]
+            per_draw = []
+            for chosen in draws:
+                edit, delta = editor(chosen)
+                per_draw.append(outcomes(edit))
+                if name == "culprits":
+                    culprit_delta = delta
             table = {rate: torch.stack([d[rate] for d in per_draw]) for rate in RATES}
             estimates = {rate: bootstrap_draws_and_samples(table[rate], resamples=resamples, seed=seed)
                          for rate in RATES}

@@ -10,7 +10,6 @@ cannot run the model.
 
 from __future__ import annotations
 
-import bisect
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +23,7 @@ from ..interventions import turn_off
 from ..layout import SaliencyLayout
 from ..per_sample.engine import model_output_tensor
 from ..per_sample.fallback import _quiet_batching_fallbacks
-from ..units import resolve_entries
+from ..units import UnitEntries
 
 if TYPE_CHECKING:
     from .._core.parameter_saliency import ParameterSaliency
@@ -248,54 +247,8 @@ class _SampleArgs:
         return args, dims
 
 
-class _UnitEntries:
-    """Each layout column's flat entries (row-major) in each parameter it spans, resolved once
-    per layout entry (on first use) by :func:`~captum_paramsal.units.resolve_entries`, the
-    function :func:`~captum_paramsal.interventions.turn_off` resolves units with: turning off a
-    set of columns zeroes exactly the union of their entries."""
-
-    def __init__(self, model: nn.Module, layout: SaliencyLayout) -> None:
-        self.model, self.layout = model, layout
-        self._entries = [e for e in layout if e.num_units > 0]
-        self._starts = [e.slice.start for e in self._entries]
-        self._blocks: Dict[int, List[Tuple[str, Tensor]]] = {}
-
-    def _of_entry(self, position: int) -> List[Tuple[str, Tensor]]:
-        blocks = self._blocks.get(position)
-        if blocks is None:
-            entry = self._entries[position]
-            columns = list(range(entry.slice.start, entry.slice.stop))
-            # one row per unit, the units in column order (resolve_entries sorts each kind's units)
-            resolved = resolve_entries(self.model, columns, self.layout)
-            blocks = []
-            for name, pieces in resolved.items():
-                for piece in pieces:
-                    if piece.shape[0] != len(columns):  # pragma: no cover - a layout resolve_entries splits
-                        raise RuntimeError(f"layout entry {entry.name!r} does not resolve to one block per unit")
-                    blocks.append((name, piece))
-            self._blocks[position] = blocks
-        return blocks
-
-    def _locate(self, column: int) -> Tuple[int, int]:
-        position = bisect.bisect_right(self._starts, column) - 1
-        return position, column - self._starts[position]
-
-    def blocks(self, column: int) -> Tuple[List[Tuple[str, Tensor]], int]:
-        """``([(parameter name, (units, entries) flat indices)], the column's row in each)``."""
-        position, unit = self._locate(column)
-        return self._of_entry(position), unit
-
-    def names(self, columns: Sequence[int]) -> List[str]:
-        """The parameters that turning off ``columns`` edits."""
-        found: Dict[str, None] = {}
-        for column in columns:
-            for name, _ in self.blocks(column)[0]:
-                found[name] = None
-        return list(found)
-
-
 def _zeroed_copies(
-    params: Dict[str, Tensor], units: _UnitEntries, edits: Sequence[Sequence[int]]
+    params: Dict[str, Tensor], units: UnitEntries, edits: Sequence[Sequence[int]]
 ) -> Dict[str, Tensor]:
     """``{name: (N, *shape)}``: for every parameter that turning off some ``edits[n]`` (layout
     columns) edits, one copy per edit with that edit's entries set to zero (``+0.0``, as
@@ -329,7 +282,7 @@ def _vmapped_chunk(
     params: Dict[str, Tensor],
     samples: _SampleArgs,
     chunk: Sequence[_Intervention],
-    units: _UnitEntries,
+    units: UnitEntries,
 ) -> Tensor:
     """The class probabilities after each intervention of ``chunk``, ``(N, classes)``: one
     ``vmap`` over ``functional_call`` with the edited parameters stacked, the rest shared."""
@@ -362,7 +315,7 @@ def _looped(
 
 
 def _chunks(
-    interventions: Sequence[_Intervention], units: _UnitEntries, sizes: Dict[str, int], chunk_size: Optional[int]
+    interventions: Sequence[_Intervention], units: UnitEntries, sizes: Dict[str, int], chunk_size: Optional[int]
 ) -> List[Tuple[int, int]]:
     """``(start, stop)`` of each vmapped call: ``chunk_size`` interventions, or without it up to
     :data:`_DEFAULT_CHUNK`, fewer where their edited copies would pass :data:`_COPY_BUDGET` bytes."""
@@ -415,7 +368,7 @@ def _vmapped(
     or on the first chunk's last intervention (a model that reads a parameter other than
     through its module's attribute, which functional_call swaps, say). Without them, vmap's
     errors are raised. A chunk that runs out of memory is split in halves."""
-    units = _UnitEntries(model, layout)
+    units = UnitEntries(model, layout)
     params = dict(model.named_parameters())
     sizes = {name: p.numel() * p.element_size() for name, p in params.items()}
     pending = list(reversed(_chunks(interventions, units, sizes, chunk_size)))
