@@ -1,4 +1,4 @@
-"""Benchmark: ``pruning_curves`` by its vmapped path against its loop, on the shipped trojaned ResNet-20.
+"""Benchmark: ``pruning_curves`` by its batched paths (channel masks, vmap) against its loop, on a ResNet-20.
 
 What is measured
 ----------------
@@ -9,18 +9,21 @@ misclassified sample, with a ``ParameterSaliency`` standardized by statistics fi
 ``--stats`` training images:
 
 * ``loop``   ``pruning_curves(..., method="loop")``: one ``turn_off`` block and one
-  one-sample forward per intervention (what pruning_curves did before the vmapped path).
-* ``vmap``   ``pruning_curves(...)``, the default (``method="auto"``): the interventions by
-  ``torch.func.vmap`` over edited weight copies, up to 64 at once, checked against the loop on
-  a few first.
-Both share the rest of the call: the forward over all inputs (to find the misclassified ones)
+  one-sample forward per intervention (what pruning_curves did before the batched paths).
+* ``vmap``   ``pruning_curves(..., method="vmap")``: the interventions by ``torch.func.vmap``
+  over edited weight copies, up to 64 at once.
+* ``default``  ``pruning_curves(...)`` (``method="auto"``, which takes the masks path here):
+  up to 64 interventions as the rows of one batched forward, each hooked convolution and
+  Linear setting the row's turned-off output channels to their bias, checked against the loop
+  on a few first.
+All share the rest of the call: the forward over all inputs (to find the misclassified ones)
 and the saliency of those. The methods run interleaved (the order rotated every repetition);
 the table gives the median and minimum wall-clock seconds of the whole call, its CPU seconds,
 the seconds spent on the interventions alone (timed inside the same calls), and ``loop /
-vmap``, the speed-up, from the medians. On a shared machine the loop of many small one-sample
+this``, the speed-up, from the medians. On a shared machine the loop of many small one-sample
 forwards suffers most from other processes' load (its threads wait on each other every op),
-so the ratio grows with the load; compare the cpu seconds too. The records of the two are
-compared (samples, k, mode and ``corrected`` flags equal; the largest difference of a
+so the ratio grows with the load; compare the cpu seconds too. The records of each against the
+loop's are compared (samples, k, mode and ``corrected`` flags equal; the largest difference of a
 probability change, float32 round-off).
 
 Run ``python benchmarks/bench_pruning_curves.py`` (``--quick`` for a smoke run on the first 200
@@ -43,7 +46,9 @@ from captum_paramsal.analysis.turn_off_curves import PruningResult
 
 from bench_common import interleaved_times, make_logger, median, print_report
 
-HEADER = ("case", "method", "median s", "min s", "cpu s", "interventions s", "interventions/s", "loop / vmap")
+HEADER = ("case", "method", "median s", "min s", "cpu s", "interventions s", "interventions/s", "loop / this")
+#: the benchmark's rows: (name, pruning_curves' method)
+METHODS = (("loop", "loop"), ("vmap", "vmap"), ("default", "auto"))
 KS = (1, 5, 10, 25, 50)
 
 
@@ -63,8 +68,8 @@ def compare(fast: PruningResult, slow: PruningResult) -> Tuple[bool, float]:
 @contextlib.contextmanager
 def phase_timer(seconds: List[float]) -> Iterator[None]:
     """Inside, the wall-clock seconds that each pruning_curves call spends evaluating its
-    interventions (its outermost ``_vmapped`` or ``_looped`` call) are appended to ``seconds``."""
-    originals = {name: getattr(turn_off_curves, name) for name in ("_vmapped", "_looped")}
+    interventions (its outermost ``_batched`` or ``_looped`` call) are appended to ``seconds``."""
+    originals = {name: getattr(turn_off_curves, name) for name in ("_batched", "_looped")}
     depth = [0]
 
     def timed(function):
@@ -101,8 +106,8 @@ def run_case(device: str, images: int, stats: int, reps: int, log) -> Tuple[List
         train = torch.utils.data.TensorDataset(data.train_images[:stats], data.train_labels[:stats])
         ps.stats = ps.fit_stats(torch.utils.data.DataLoader(train, batch_size=64), progress=False)
     results: Dict[str, PruningResult] = {}
-    cpu: Dict[str, List[float]] = {"loop": [], "vmap": []}
-    phase: Dict[str, List[float]] = {"loop": [], "vmap": []}
+    cpu: Dict[str, List[float]] = {name: [] for name, _ in METHODS}
+    phase: Dict[str, List[float]] = {name: [] for name, _ in METHODS}
 
     def runner(name: str, method: str, inputs: torch.Tensor, labels: torch.Tensor, timed: bool = True):
         def run() -> PruningResult:
@@ -115,26 +120,30 @@ def run_case(device: str, images: int, stats: int, reps: int, log) -> Tuple[List
         return run
 
     log(f"{device}: warm-up on the first 100 images")
-    for name, method in (("loop", "loop"), ("vmap", "auto")):
+    for name, method in METHODS:
         runner(name, method, x[:100], y[:100], timed=False)()
-    runners = {"loop": runner("loop", "loop", x, y), "vmap": runner("vmap", "auto", x, y)}
+    runners = {name: runner(name, method, x, y) for name, method in METHODS}
     times = interleaved_times(runners, reps, torch.device(device), log)
-    slow, fast = results["loop"], results["vmap"]
-    same, worst = compare(fast, slow)
+    slow = results["loop"]
     count = len(slow.records)
     case = f"resnet20-trojan-{device}"
     rows = []
-    for name in runners:
+    for name, _ in METHODS:
         ratio = "-"
-        if name == "vmap":
-            ratio = (f"{median(times['loop']) / median(times['vmap']):.1f}x "
-                     f"({median(phase['loop']) / median(phase['vmap']):.1f}x)")
-        rows.append((case, name, f"{median(times[name]):.2f}", f"{min(times[name]):.2f}", f"{median(cpu[name]):.2f}",
-                     f"{median(phase[name]):.2f}", f"{count / median(phase[name]):.0f}", ratio))
+        if name != "loop":
+            ratio = (f"{median(times['loop']) / median(times[name]):.1f}x "
+                     f"({median(phase['loop']) / median(phase[name]):.1f}x)")
+        rows.append((case, f"{name} ({results[name].method})", f"{median(times[name]):.2f}", f"{min(times[name]):.2f}",
+                     f"{median(cpu[name]):.2f}", f"{median(phase[name]):.2f}", f"{count / median(phase[name]):.0f}",
+                     ratio))
+    checks = []
+    for name, _ in METHODS[1:]:
+        same, worst = compare(results[name], slow)
+        checks.append(f"{name}: {'yes' if same else 'NO'}, largest difference of a probability change {worst:.1e}")
     lines = [
         f"{case}: {x.shape[0]} test images, {slow.num_misclassified} misclassified, {count} interventions "
-        f"(ks={KS}, 3 modes); records equal: {'yes' if same else 'NO'} (samples, k, mode and corrected flags), "
-        f"largest difference of a probability change {worst:.1e}.",
+        f"(ks={KS}, 3 modes); records equal to the loop's (samples, k, mode and corrected flags): "
+        + "; ".join(checks) + ".",
     ]
     return rows, lines
 
@@ -162,8 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines = [
         f"median and minimum wall-clock seconds of {reps} interleaved repetitions of one pruning_curves call; cpu s: "
         "the process's CPU seconds (median); interventions s: the part of the call spent evaluating the "
-        "interventions (median), the rest (the forward over all images, the saliency) is the same in both; "
-        "loop / vmap: of the whole call (of the interventions alone). "
+        "interventions (median), the rest (the forward over all images, the saliency) is the same in all; "
+        "loop / this: of the whole call (of the interventions alone). "
         + (f"Saliency standardized by statistics from {stats} training images." if stats else "No statistics.")
     ]
     for device in devices:

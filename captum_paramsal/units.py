@@ -494,6 +494,15 @@ class UnitEntries:
         position = bisect.bisect_right(self._starts, column) - 1
         return position, column - self._starts[position]
 
+    @property
+    def entries(self) -> List[Any]:
+        """The layout's entries that hold units, in layout order (what :meth:`locate` counts)."""
+        return self._entries
+
+    def locate(self, column: int) -> Tuple[int, int]:
+        """``(position of the column's entry among the layout's non-empty entries, its unit there)``."""
+        return self._locate(column)
+
     def blocks(self, column: int) -> Tuple[List[Tuple[str, Tensor]], int]:
         """``([(parameter name, (units, entries) flat indices)], the column's row in each)``."""
         position, unit = self._locate(column)

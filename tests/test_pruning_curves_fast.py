@@ -65,8 +65,9 @@ def reference_records(model, ps, inputs, labels, ks, modes=("salient", "random",
             chosen = {"salient": order[:k], "least": order[-k:],
                       "random": torch.randperm(layout.num_columns, generator=generator)[:k]}
             for mode in modes:
-                one = tuple(a[i : i + 1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == len(wrong) else a
-                            for a in cut)
+                # per sample: what was per sample among all inputs (not what matches the number of errors)
+                one = tuple(c[i : i + 1] if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == len(inputs) else c
+                            for a, c in zip(extra, cut))
                 with turn_off(model, chosen[mode].tolist(), layout=layout), torch.no_grad():
                     p = torch.softmax(model(x[i : i + 1], *one), -1)[0]
                 records.append({"sample": int(wrong[i]), "k": k, "mode": mode, "corrected": bool(p.argmax() == true),
@@ -75,12 +76,20 @@ def reference_records(model, ps, inputs, labels, ks, modes=("salient", "random",
     return records
 
 
-def both(model, ps, x, y, ks, caplog, **kwargs):
-    """``(vmapped, looped)`` results, the vmapped one checked not to have fallen back to the loop."""
-    with caplog.at_level(logging.INFO, logger=LOGGER):
+def both(model, ps, x, y, ks, caplog, expect="masks", **kwargs):
+    """``(default, looped)`` results: the default checked to have taken ``expect`` (``"masks"``
+    or ``"vmap"``) without a fallback; where it took the masks, ``method="vmap"`` checked
+    against the loop too."""
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
         fast = pruning_curves(model, ps, x, y, ks=ks, **kwargs)
-    assert not [r for r in caplog.records if r.name == LOGGER], "the vmapped path fell back to the loop"
+    assert not [r.getMessage() for r in caplog.records if r.name == LOGGER], "the default path fell back"
+    assert fast.method == expect
     slow = pruning_curves(model, ps, x, y, ks=ks, method="loop", **kwargs)
+    assert slow.method == "loop"
+    if expect == "masks":
+        vmapped = pruning_curves(model, ps, x, y, ks=ks, method="vmap", **kwargs)
+        assert vmapped.method == "vmap"
+        assert_same_records(vmapped.records, slow.records)
     return fast, slow
 
 
@@ -220,9 +229,19 @@ def test_transformer_heads_and_neurons_as_units(caplog):
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(8, 5, 16, generator=g), torch.randint(0, 3, (8,), generator=g)
     before = snapshot(model)
-    fast, slow = both(model, ps, x, y, (1, 2, 10), caplog)
+    fast, slow = both(model, ps, x, y, (1, 2, 10), caplog, expect="vmap")  # heads and neurons are no channels
     assert_unchanged(model, before)
     assert_same_records(fast.records, slow.records)
+    with pytest.raises(ValueError, match="method='masks' needs every unit"):
+        pruning_curves(model, ps, x, y, ks=(1,), method="masks")
+    # rows only: the encoder's Linear layers take (B, T, d) and MultiheadAttention reads its
+    # projections functionally (a check finds the masks miss them): vmap
+    rows = ParameterSaliency(model)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        auto = pruning_curves(model, rows, x, y, ks=(1, 4))
+    assert auto.method in ("vmap", "masks")
+    assert_same_records(auto.records, pruning_curves(model, rows, x, y, ks=(1, 4), method="loop").records)
+    assert_unchanged(model, before)
 
 
 def test_each_units_entries_turn_off_what_turn_off_does():
@@ -265,19 +284,22 @@ def test_tiny_chunks_and_oom_splitting(monkeypatch):
     for chunk_size in (1, 2, 5, 1000):
         got = pruning_curves(model, ps, x, y, ks=(1, 3), method="vmap", chunk_size=chunk_size)
         assert_same_records(got.records, slow.records)
-    sizes = []
-    real = turn_off_curves._vmapped_chunk
+        got = pruning_curves(model, ps, x, y, ks=(1, 3), method="masks", chunk_size=chunk_size)
+        assert_same_records(got.records, slow.records)
+    for method, name in (("vmap", "_vmapped_chunk"), ("masks", "_masked_chunk")):
+        sizes = []
+        real = getattr(turn_off_curves, name)
 
-    def short_of_memory(model, output_fn, params, samples, chunk, units):
-        sizes.append(len(chunk))
-        if len(chunk) > 3:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, output_fn, params, samples, chunk, units)
+        def short_of_memory(model, output_fn, weights, samples, chunk, units, real=real, sizes=sizes):
+            sizes.append(len(chunk))
+            if len(chunk) > 3:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(model, output_fn, weights, samples, chunk, units)
 
-    monkeypatch.setattr(turn_off_curves, "_vmapped_chunk", short_of_memory)
-    got = pruning_curves(model, ps, x, y, ks=(1, 3), method="vmap", chunk_size=16)
-    assert_same_records(got.records, slow.records)
-    assert max(sizes) == 16 and sizes[-1] <= 3  # halved until it fits
+        monkeypatch.setattr(turn_off_curves, name, short_of_memory)
+        got = pruning_curves(model, ps, x, y, ks=(1, 3), method=method, chunk_size=16)
+        assert_same_records(got.records, slow.records)
+        assert max(sizes) == 16 and sizes[-1] <= 3  # halved until it fits
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         pruning_curves(model, ps, x, y, ks=(1,), chunk_size=0)
     with pytest.raises(ValueError, match="method must be one of"):
@@ -285,17 +307,29 @@ def test_tiny_chunks_and_oom_splitting(monkeypatch):
 
 
 class Branchy(nn.Module):
-    """Data-dependent control flow: vmap cannot run it."""
+    """Data-dependent control flow, sample by sample: vmap cannot run it (the masks can: it
+    is a plain forward of the batch, whose samples do not interact)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.a(x)
-        if h.sum() > 0:
-            h = h * 2
+        h = torch.stack([row * 2 if row.sum() > 0 else row for row in self.a(x).unbind(0)])
         return self.b(F.relu(h))
+
+
+class Flattened(nn.Module):
+    """A Linear over every token of every sample at once, ``(B * T, d)``: the hooked layer's
+    output does not have the samples first, so the masks give way to vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(18, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, width = x.shape
+        return self.b(F.relu(self.a(x.reshape(batch * tokens, width))).reshape(batch, -1))
 
 
 class Aliased(nn.Module):
@@ -320,13 +354,79 @@ def test_falls_back_to_the_loop_where_vmap_cannot_run_the_model(cls, caplog):
     x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
     ps = ParameterSaliency(model)
     before = snapshot(model)
-    with caplog.at_level(logging.INFO, logger=LOGGER):
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
         auto = pruning_curves(model, ps, x, y, ks=(1, 3))
-    assert any("one intervention at a time" in r.getMessage() for r in caplog.records if r.name == LOGGER)
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     slow = pruning_curves(model, ps, x, y, ks=(1, 3), method="loop")
-    assert auto.records == slow.records  # the loop's own, bit for bit
     assert slow.records == reference_records(model, ps, x, y, (1, 3))
-    if cls is Branchy:
+    if cls is Branchy:  # the masks run it; vmap does not
+        assert auto.method == "masks" and not said
+        assert_same_records(auto.records, slow.records)
         with pytest.raises(RuntimeError, match="data-dependent control flow"):
             pruning_curves(model, ps, x, y, ks=(1, 3), method="vmap")
+    else:  # the masks' hook never sees the aliased weight, nor does vmap's functional_call: a check finds both
+        assert auto.method == "loop"
+        assert auto.records == slow.records  # the loop's own, bit for bit
+        assert any("masks runs this model otherwise" in m and "trying vmap" in m for m in said), said
+        assert any("vmap runs this model otherwise" in m and "one intervention at a time" in m for m in said), said
     assert_unchanged(model, before)
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.func fallback")  # the saliency's own: a.weight sees (B * T, d)
+def test_masks_give_way_to_vmap_where_a_layer_mixes_samples_and_tokens(caplog):
+    torch.manual_seed(0)
+    model = Flattened().eval()
+    g = torch.Generator().manual_seed(10)
+    x, y = torch.randn(10, 3, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    ps = ParameterSaliency(model)
+    before = snapshot(model)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        auto = pruning_curves(model, ps, x, y, ks=(1, 3))
+    said = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert auto.method == "vmap"
+    # the probes' batch (3 rows of 3 tokens) reaches the Linear as 9 rows
+    assert any("masks cannot run this model (_NotRowwise: Linear gave (9, 6) for 3 rows)" in m for m in said), said
+    assert_same_records(auto.records, pruning_curves(model, ps, x, y, ks=(1, 3), method="loop").records)
+    with pytest.raises(turn_off_curves._NotRowwise, match="Linear gave"):
+        pruning_curves(model, ps, x, y, ks=(1, 3), method="masks")
+    assert_unchanged(model, before)  # the hooks are gone, also after the error
+
+
+class Normed(nn.Module):
+    """Conv (with bias), BatchNorm, GroupNorm, a Conv1d over the rows, LayerNorm and Linear
+    layers: every layer type the masks path hooks, each weight a layout entry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.gn = nn.GroupNorm(3, 6)
+        self.line = nn.Conv1d(6, 4, 2)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4 * 15, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.gn(self.bn(self.conv(x))))  # (B, 6, 4, 4)
+        h = self.line(h.flatten(2))  # (B, 4, 15)
+        return self.head(F.relu(self.ln(h.transpose(1, 2))).flatten(1))
+
+
+def test_every_hooked_layer_type_matches_the_loop(caplog):
+    torch.manual_seed(0)
+    model = Normed()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+        for norm in (model.bn, model.gn, model.ln):  # weights and biases far from 1 / 0
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    names = [n for n, p in model.named_parameters() if n.endswith("weight")]
+    ps = ParameterSaliency(model, params=names)
+    assert set(ps.layout.names) == set(names)
+    g = torch.Generator().manual_seed(11)
+    x, y = torch.randn(12, 2, 4, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    before = snapshot(model)
+    fast, slow = both(model, ps, x, y, (1, 3, 12), caplog)
+    assert_unchanged(model, before)
+    assert_same_records(fast.records, slow.records)

@@ -3,9 +3,10 @@ off a misclassified sample's most salient units correct it, far more often than 
 salient units?
 
 :func:`pruning_curves` evaluates its many interventions (each misclassified sample, each k,
-each mode) by ``torch.func.vmap`` over edited copies of the touched parameters, several
-samples' in one call, and falls back to one ``turn_off`` block per intervention where vmap
-cannot run the model.
+each mode) many at a time: as the rows of one batched forward whose layers empty each row's
+turned-off output channels (where every unit is a layer's output channel), else by
+``torch.func.vmap`` over edited copies of the touched parameters, and falls back to one
+``turn_off`` block per intervention where neither runs the model as its own forward does.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class PruningResult:
             ``"corrected"``, ``"delta_true_prob"``, ``"delta_wrong_prob"``.
         ks, modes: the numbers of units and the modes, as run.
         num_misclassified, num_samples (int): misclassified samples; all samples.
+        method (str): how the interventions were evaluated: ``"masks"``, ``"vmap"`` or ``"loop"``
+            (see :func:`pruning_curves`; ``"auto"`` says which it took).
         table (list): the aggregated rows, one dict per (k, mode): ``"samples"``,
             ``"fraction_corrected"``, ``"mean_delta_true_prob"``, ``"mean_delta_wrong_prob"``.
 
@@ -62,6 +65,7 @@ class PruningResult:
     modes: Sequence[str]
     num_misclassified: int
     num_samples: int
+    method: str = "loop"
     table: List[Dict[str, Any]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -165,8 +169,10 @@ def _probabilities(model: nn.Module, x: Tensor, output_fn: Callable[[Any], Tenso
 
 
 #: samples per forward of the prediction pass over all ``inputs`` without ``internal_batch_size``
-#: (a batch of thousands runs several times slower than its pieces: its activations leave the caches)
-_PREDICT_CHUNK = 256
+#: (a batch of thousands runs several times slower than its pieces: its activations leave the
+#: caches; on the trojaned ResNet-20, 2000 images, 2 threads: 1.18 s in 64s, 1.27 in 32s, 1.6 in
+#: 128s, 1.8 in 256s, 3.2 in 1000s)
+_PREDICT_CHUNK = 64
 
 
 def _predict(model: nn.Module, inputs: Tensor, output_fn: Callable[[Any], Tensor], args: Tuple[Any, ...],
@@ -216,34 +222,57 @@ _COPY_BUDGET = 256 * 2**20
 
 class _SampleArgs:
     """The misclassified samples and their extra forward arguments, cut per intervention as
-    the loop cuts them (``x[i : i + 1]``, each per-sample tensor's row ``i``)."""
+    the loop cuts them (``x[i : i + 1]``, each per-sample tensor's row ``i``).
 
-    def __init__(self, x: Tensor, extra: Tuple[Any, ...], keyword: Dict[str, Any]) -> None:
-        self.x, self.extra, self.keyword = x, extra, keyword
-        self.batch = x.shape[0]
+    Which arguments are per sample is decided once, on the whole batch (a tensor whose first
+    dimension is the number of inputs), and kept: a shared tensor whose first dimension happens
+    to equal the number of misclassified samples stays shared."""
+
+    def __init__(self, x: Tensor, extra: Tuple[Any, ...], keyword: Dict[str, Any], batch: int,
+                 wrong: Tensor) -> None:
+        """``extra`` and ``keyword`` as given for all ``batch`` inputs; ``x`` and ``wrong`` the
+        misclassified samples and their rows among the inputs."""
+        self.x = x
+        self.extra = tuple(_rows(a, wrong, batch) for a in extra)
+        self.keyword = {k: _rows(v, wrong, batch) for k, v in keyword.items()}
+        self.cut_extra = tuple(_per_sample(a, batch) for a in extra)
+        self.cut_keyword = {k: _per_sample(v, batch) for k, v in keyword.items()}
+
+    def _gathered(self, index: Tensor, unsqueeze: bool = False) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        def cut(value: Any, per_sample: bool) -> Any:
+            if not per_sample:
+                return value
+            rows = value[index.to(value.device)]
+            return rows.unsqueeze(1) if unsqueeze else rows
+
+        return (tuple(cut(a, c) for a, c in zip(self.extra, self.cut_extra)),
+                {k: cut(v, self.cut_keyword[k]) for k, v in self.keyword.items()})
+
+    def passed(self) -> Any:
+        """The extra arguments of all misclassified samples, as ``additional_forward_args``."""
+        return self.keyword if self.keyword else (self.extra or None)
 
     def one(self, i: int) -> Tuple[Tensor, Tuple[Any, ...], Dict[str, Any]]:
         """Sample ``i`` with a batch dimension of 1, as the loop passes it."""
-        one = torch.arange(i, i + 1)
-        return (self.x[i : i + 1], tuple(_rows(a, one, self.batch) for a in self.extra),
-                {k: _rows(v, one, self.batch) for k, v in self.keyword.items()})
+        extra, keyword = self._gathered(torch.arange(i, i + 1))
+        return self.x[i : i + 1], extra, keyword
+
+    def rows(self, samples: Sequence[int]) -> Tuple[Tensor, Tuple[Any, ...], Dict[str, Any]]:
+        """One row per entry of ``samples``: ``x`` and every per-sample tensor indexed by them."""
+        index = torch.tensor(list(samples), dtype=torch.long)
+        extra, keyword = self._gathered(index)
+        return self.x[index.to(self.x.device)], extra, keyword
 
     def stacked(self, samples: Sequence[int]) -> Tuple[Tuple[Any, ...], Tuple[Any, ...]]:
         """``(arguments, in_dims)`` of vmap for one intervention per entry of ``samples``: every
         per-sample tensor as ``(N, 1, ...)`` (so each vmapped call sees the loop's ``x[i : i + 1]``),
         everything else shared."""
         index = torch.tensor(list(samples), dtype=torch.long)
-
-        def cut(value: Any) -> Tuple[Any, Optional[int]]:
-            if _per_sample(value, self.batch):
-                return value[index.to(value.device)].unsqueeze(1), 0
-            return value, None
-
-        xs = cut(self.x)
-        extra = [cut(a) for a in self.extra]
-        keyword = {k: cut(v) for k, v in self.keyword.items()}
-        args = (xs[0], tuple(a for a, _ in extra), {k: v for k, (v, _) in keyword.items()})
-        dims = (xs[1], tuple(d for _, d in extra), {k: d for k, (_, d) in keyword.items()})
+        extra, keyword = self._gathered(index, unsqueeze=True)
+        x = self.x[index.to(self.x.device)].unsqueeze(1)
+        args = (x, extra, keyword)
+        dims = (0, tuple(0 if c else None for c in self.cut_extra),
+                {k: 0 if self.cut_keyword[k] else None for k in keyword})
         return args, dims
 
 
@@ -314,6 +343,124 @@ def _looped(
     return out
 
 
+# Many interventions as the rows of one batch. Zeroing a unit whose entries are the whole
+# weight of one output channel of a layer that reads its weight only in its own forward
+# (Linear, convolutions, BatchNorm, GroupNorm, LayerNorm) changes that layer's output in that
+# channel alone, to the channel's bias entry (zero without a bias): 0 * x sums to 0 and the
+# bias is added. So no weight copy is needed: a forward hook on the layer replaces, row by
+# row, the channels the row's intervention turns off. The rows' samples then share one
+# batched forward, as a plain forward of that many samples costs (vmap's weight copies turn
+# every convolution into a grouped one, about twice as slow on a CPU).
+
+#: the layers the masks path hooks, and the axis of their output that their weight's units index
+_OUTPUT_AXIS: Dict[type, int] = {
+    nn.Linear: -1, nn.Conv1d: 1, nn.Conv2d: 1, nn.Conv3d: 1,
+    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
+    nn.BatchNorm1d: 1, nn.BatchNorm2d: 1, nn.BatchNorm3d: 1, nn.GroupNorm: 1, nn.LayerNorm: -1,
+}
+
+
+class _NotRowwise(RuntimeError):
+    """A hooked layer's output does not have the batch's rows first and the units' channels
+    along the expected axis: the masks path cannot run this model."""
+
+
+def _channel_entries(module: nn.Module, weight: Tensor) -> Optional[Tensor]:
+    """``(channels, entries)`` flat indices of each output channel's weights of ``module``
+    (each row sorted), or None where that is not one block per channel."""
+    flat = torch.arange(weight.numel(), device=weight.device).view(weight.shape)
+    if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        if module.groups != 1:
+            return None
+        flat = flat.transpose(0, 1)  # (in, out, *kernel): the output channels are axis 1
+    if isinstance(module, nn.LayerNorm) and weight.dim() != 1:
+        return None
+    return flat.reshape(flat.shape[0], -1)
+
+
+def _output_channels(model: nn.Module, layout: SaliencyLayout, units: UnitEntries) -> Optional[List[List[nn.Module]]]:
+    """Per non-empty layout entry (``units.entries``), the layers whose output channel ``u`` is
+    unit ``u`` of the entry (a tied weight's every layer); None where some entry's units are
+    not whole output channels of such layers (heads, neurons, embeddings, a weight read by
+    another kind of module)."""
+    from ..per_sample.selection import select_parameters
+
+    if not units.entries:
+        return None
+    per_entry: List[List[nn.Module]] = []
+    for entry in units.entries:
+        if entry.is_group:
+            return None
+        blocks, _ = units.blocks(entry.slice.start)
+        if len(blocks) != 1 or blocks[0][0] != entry.name:
+            return None
+        (selected,) = select_parameters(model, [entry.name]).params
+        layers = []
+        for module, attribute in selected.owners:
+            if type(module) not in _OUTPUT_AXIS or attribute != "weight":
+                return None
+            want = _channel_entries(module, selected.param)
+            got = blocks[0][1]
+            if want is None or want.shape != got.shape or not torch.equal(want, got.sort(dim=1).values.to(want.device)):
+                return None
+            layers.append(module)
+        if not layers:
+            return None
+        per_entry.append(layers)
+    return per_entry
+
+
+def _masked_chunk(
+    model: nn.Module,
+    output_fn: Callable[[Any], Tensor],
+    layers: List[List[nn.Module]],
+    samples: _SampleArgs,
+    chunk: Sequence[_Intervention],
+    units: UnitEntries,
+) -> Tensor:
+    """The class probabilities after each intervention of ``chunk``, ``(N, classes)``: the
+    interventions' samples as the rows of one forward, each hooked layer setting the output
+    channels that row's intervention turns off to their bias entries (zero without a bias)."""
+    pairs: Dict[int, Tuple[List[int], List[int]]] = {}  # entry position -> (rows, units) turned off
+    for n, (_, columns) in enumerate(chunk):
+        for column in columns:
+            position, unit = units.locate(column)
+            at = pairs.setdefault(position, ([], []))
+            at[0].append(n)
+            at[1].append(unit)
+    rows = len(chunk)
+
+    def hook_of(where: Tensor, which: Tensor, channels: int, axis: int) -> Callable[..., None]:
+        def replace(module: nn.Module, args: Any, output: Any) -> None:
+            if (not isinstance(output, Tensor) or output.dim() < 2 or output.shape[0] != rows
+                    or output.shape[axis] != channels):
+                shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+                raise _NotRowwise(f"{type(module).__name__} gave {shape} for {rows} rows")
+            # in place, and only the turned-off (row, channel) pairs: the hook runs first among the
+            # layer's forward hooks, on an output that nothing else holds yet
+            view = output.movedim(axis, 1) if axis != 1 else output
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, Tensor):
+                view[where, which] = bias.detach()[which].to(output.dtype).view(-1, *[1] * (view.dim() - 2))
+            else:
+                view[where, which] = 0
+        return replace
+
+    handles = []
+    try:
+        for position, (where, which) in pairs.items():
+            for layer in layers[position]:
+                device = layer.weight.device
+                hook = hook_of(torch.tensor(where, device=device), torch.tensor(which, device=device),
+                               units.entries[position].num_units, _OUTPUT_AXIS[type(layer)])
+                handles.append(layer.register_forward_hook(hook, prepend=True))
+        x, extra, keyword = samples.rows([i for i, _ in chunk])
+        return _probabilities(model, x, output_fn, extra, keyword)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _chunks(
     interventions: Sequence[_Intervention], units: UnitEntries, sizes: Dict[str, int], chunk_size: Optional[int]
 ) -> List[Tuple[int, int]]:
@@ -352,35 +499,55 @@ def _agrees(a: Tensor, b: Tensor) -> bool:
     return bool(torch.allclose(a.to(b.dtype), b, rtol=0.0, atol=max(eps**0.5, 1e-12), equal_nan=True))
 
 
-def _vmapped(
+def _batched(
     model: nn.Module,
     output_fn: Callable[[Any], Tensor],
     layout: SaliencyLayout,
     samples: _SampleArgs,
     interventions: Sequence[_Intervention],
     chunk_size: Optional[int],
+    method: str,
     probes: Sequence[_Intervention] = (),
 ) -> Optional[List[Tensor]]:
-    """The probabilities after each intervention, by vmapped chunks.
+    """The probabilities after each intervention, by chunks of the ``"masks"`` or the
+    ``"vmap"`` path.
 
     With ``probes`` (interventions that edit every parameter of the layout, run first): None
-    where vmap cannot run the model, or where it gives other values than the loop on a probe
-    or on the first chunk's last intervention (a model that reads a parameter other than
-    through its module's attribute, which functional_call swaps, say). Without them, vmap's
-    errors are raised. A chunk that runs out of memory is split in halves."""
+    where the path cannot run the model (masks: a unit that is not a layer's output channel,
+    a layer's output without the rows first; vmap: an op it cannot batch), or where it gives
+    other values than the loop on a probe or on the first chunk's last intervention (a model
+    that reads a weight other than through its layer's forward, or, for vmap, its module's
+    attribute). Without them, the path's errors are raised. A chunk that runs out of memory
+    is split in halves."""
     units = UnitEntries(model, layout)
     params = dict(model.named_parameters())
-    sizes = {name: p.numel() * p.element_size() for name, p in params.items()}
+    check = bool(probes)
+    if method == "masks":
+        layers = _output_channels(model, layout, units)
+        if layers is None:
+            if check:
+                return None
+            raise ValueError("method='masks' needs every unit of the layout to be a whole output channel of a "
+                             f"{', '.join(t.__name__ for t in _OUTPUT_AXIS)} layer; use 'vmap' or 'loop'")
+
+        def evaluate(chunk: Sequence[_Intervention]) -> Tensor:
+            return _masked_chunk(model, output_fn, layers, samples, chunk, units)
+
+        sizes = {name: 0 for name in params}  # no weight copies: chunks of _DEFAULT_CHUNK
+    else:
+        def evaluate(chunk: Sequence[_Intervention]) -> Tensor:
+            return _vmapped_chunk(model, output_fn, params, samples, chunk, units)
+
+        sizes = {name: p.numel() * p.element_size() for name, p in params.items()}
     pending = list(reversed(_chunks(interventions, units, sizes, chunk_size)))
 
     def agrees_with_loop(probs: Tensor, intervention: _Intervention) -> bool:
         if _agrees(probs, _looped(model, output_fn, layout, samples, [intervention])[0]):
             return True
-        _log.info("pruning_curves: vmap runs this model otherwise than its own forward does; turning units off "
-                  "one intervention at a time")
+        _log.log(_FALLBACK_LEVEL[method], "pruning_curves: %s runs this model otherwise than its own forward does; %s",
+                 method, _FALLBACK_NEXT[method])
         return False
 
-    check = bool(probes)
     if check:
         pending.append((-1, -1))  # the probes first
     out: List[Tensor] = []
@@ -388,8 +555,8 @@ def _vmapped(
         start, stop = pending.pop()
         chunk = list(probes) if start < 0 else interventions[start:stop]
         try:
-            probs = _vmapped_chunk(model, output_fn, params, samples, chunk, units)
-        except Exception as error:  # noqa: BLE001 - which errors vmap raises is not documented
+            probs = evaluate(chunk)
+        except Exception as error:  # noqa: BLE001 - which errors vmap (or a model in a batch) raises is not documented
             if _is_oom(error) and len(chunk) > 1 and start >= 0:
                 middle = (start + stop) // 2
                 pending += [(middle, stop), (start, middle)]
@@ -397,8 +564,8 @@ def _vmapped(
             if not check:
                 raise
             first = str(error).splitlines()[0][:200] if str(error) else ""
-            _log.info("pruning_curves: vmap cannot run this model (%s: %s); turning units off one intervention "
-                      "at a time", type(error).__name__, first)
+            _log.log(_FALLBACK_LEVEL[method], "pruning_curves: %s cannot run this model (%s: %s); %s",
+                     method, type(error).__name__, first, _FALLBACK_NEXT[method])
             return None
         if check and start < 0 and not all(agrees_with_loop(p, c) for p, c in zip(probs, chunk)):
             return None
@@ -409,9 +576,14 @@ def _vmapped(
     return out
 
 
+#: a fallback from masks to vmap is still fast (DEBUG); from vmap to the loop, slow (INFO)
+_FALLBACK_LEVEL = {"masks": logging.DEBUG, "vmap": logging.INFO}
+_FALLBACK_NEXT = {"masks": "trying vmap", "vmap": "turning units off one intervention at a time"}
+
+
 # -- the pruning test ----------------------------------------------------------------------------
 
-METHODS = ("auto", "vmap", "loop")
+METHODS = ("auto", "masks", "vmap", "loop")
 
 
 def pruning_curves(
@@ -438,27 +610,43 @@ def pruning_curves(
 
     How the interventions are evaluated (``method``):
 
+    * ``"masks"``: many at once, as the rows of one batched forward of their samples; each
+      layer that holds units (Linear, convolutions, BatchNorm, GroupNorm, LayerNorm, whose
+      weight's unit ``u`` is output channel ``u``) gets a forward hook that sets, row by row,
+      the output channels that row's intervention turns off to their bias entries (zero
+      without a bias): what zeroing those weights makes the layer give, with no weight
+      copied. Like the saliency itself (the model runs in eval mode, so samples of a batch
+      do not interact), it needs a model whose samples do not interact in a batch. Only
+      where every unit of the layout is such a channel (not heads or neurons, not an
+      embedding's rows, not a transposed convolution with groups); a ValueError otherwise.
     * ``"vmap"``: many at once, several samples' in one call: ``torch.func.vmap`` over
       ``torch.func.functional_call``, each intervention with its own copy of the parameters
       its units lie in (those entries set to zero) and every other parameter, and every
-      buffer, shared. Each unit's entries are resolved once per ``pruning_curves`` call, by
-      :func:`~captum_paramsal.units.resolve_entries` as ``turn_off`` resolves them. Memory:
-      a vmapped call takes ``chunk_size`` interventions, by default up to 64 and fewer where
-      their weight copies would pass 256 MiB together; one that runs out of memory is split
-      in halves. The model runs in eval mode (BatchNorm reads its running statistics).
+      buffer, shared (any unit scheme; each vmapped call sees one sample, as the loop).
     * ``"loop"``: one ``turn_off`` block and one forward per intervention (the reference).
-    * ``"auto"`` (the default): ``"vmap"``, checked against ``"loop"`` first, on sample 0
-      with its most salient unit of every layout entry off and with every other unit of
-      every entry off, and on the first call's last intervention; and ``"loop"`` for all
-      interventions where vmap cannot run the model (data-dependent control flow, as in Hugging
-      Face models' attention-mask handling; an op without a batching rule; randomness; ...)
-      or gives other values (a model that reads a weight other than through its module's
-      attribute, which ``functional_call`` replaces). A fallback is logged at INFO level on
-      the ``captum_paramsal.analysis.turn_off_curves`` logger.
+    * ``"auto"`` (the default): ``"masks"`` where the layout allows it, else ``"vmap"``, each
+      checked against ``"loop"`` first, on sample 0 with its most salient unit of every
+      layout entry off and with every other unit of every entry off, on the last
+      misclassified sample with its most salient unit of every entry off, and on the first
+      call's last intervention. ``"masks"`` gives way to ``"vmap"`` where a hooked layer's
+      output does not have the samples first or the check fails (a model that reads a
+      weight other than through its layer's forward), logged at DEBUG level; ``"vmap"``
+      gives way to ``"loop"`` where vmap cannot run the model (data-dependent control flow,
+      as in Hugging Face models' attention-mask handling; an op without a batching rule;
+      randomness; ...) or gives other values (a model that reads a weight other than
+      through its module's attribute, which ``functional_call`` replaces), logged at INFO
+      level, both on the ``captum_paramsal.analysis.turn_off_curves`` logger.
+      :attr:`PruningResult.method` says which ran.
 
-    Both give the same records, up to float round-off in the probabilities (batched kernels
+    Each unit's entries are resolved once per call, by
+    :func:`~captum_paramsal.units.resolve_entries` as ``turn_off`` resolves them. Memory: a
+    batched call takes ``chunk_size`` interventions, by default up to 64 (for vmap fewer where
+    their weight copies would pass 256 MiB together); one that runs out of memory is split in
+    halves. The model runs in eval mode (BatchNorm reads its running statistics).
+
+    All give the same records, up to float round-off in the probabilities (batched kernels
     sum in another order, ~1e-7 in float32); the random units are the same draws. Forward
-    hooks of the model run once per vmapped call, on batched tensors.
+    hooks of the model run once per batched call, on batched tensors.
 
     Args:
         model: the model ``ps`` explains.
@@ -468,15 +656,16 @@ def pruning_curves(
         modes: any of ``"salient"``, ``"random"``, ``"least"``.
         seed: seeds the random units (one draw per sample and k).
         internal_batch_size: as in :meth:`ParameterSaliency.attribute`, bounds memory; also
-            the pieces of the forward that finds the misclassified samples (default 256 samples).
+            the pieces of the forward that finds the misclassified samples (default 64 samples).
         additional_forward_args: as in :meth:`ParameterSaliency.attribute` (a dict is passed by
             keyword, e.g. ``{"attention_mask": mask}``); per-sample tensors are cut to each
             sample. The class probabilities are the softmax of ``ps.output_fn(model output)``
             (a Hugging Face model's logits), which must be ``(B, classes)``. Units are those of
             ``ps.layout``: heads or neurons under ``units="heads"`` / ``"neurons"``.
-        method: ``"auto"``, ``"vmap"`` or ``"loop"``, see above.
-        chunk_size: the number of interventions per vmapped call (bounds memory: each holds
-            its own copy of the parameters it edits, and its activations); None: as above.
+        method: ``"auto"``, ``"masks"``, ``"vmap"`` or ``"loop"``, see above.
+        chunk_size: the number of interventions per batched call (bounds memory: each holds
+            its activations, and under vmap its own copy of the parameters it edits); None:
+            as above.
 
     Returns:
         :class:`PruningResult`.
@@ -484,9 +673,10 @@ def pruning_curves(
     Raises:
         ValueError: ``ps`` of another model, unknown modes or method, ks that are not positive
             ints or exceed the number of units, labels that do not match, no misclassified
-            sample, or a ``chunk_size`` that is not a positive int.
+            sample, a ``chunk_size`` that is not a positive int, or ``method="masks"`` where
+            some unit is not a layer's output channel.
         TypeError: labels that are not integers.
-        RuntimeError: with ``method="vmap"``, whatever vmap raises on the model.
+        RuntimeError: with ``method="masks"`` or ``"vmap"``, whatever the path raises on the model.
 
     Examples::
 
@@ -525,10 +715,9 @@ def pruning_curves(
         if len(wrong) == 0:
             raise ValueError("no misclassified samples among inputs: nothing to correct")
         x, y = inputs[wrong], labels[wrong].to(predicted.device)
-        extra = tuple(_rows(a, wrong, batch) for a in extra)
-        keyword = {k: _rows(v, wrong, batch) for k, v in keyword.items()}
-        passed = keyword if keyword else (extra or None)
-        z = ps.attribute(x, target=y, additional_forward_args=passed, internal_batch_size=internal_batch_size).detach()
+        samples = _SampleArgs(x, extra, keyword, batch, wrong)
+        z = ps.attribute(x, target=y, additional_forward_args=samples.passed(),
+                         internal_batch_size=internal_batch_size).detach()
         generator = torch.Generator().manual_seed(seed)
         plan: List[Tuple[int, int, str]] = []
         interventions: List[_Intervention] = []
@@ -543,15 +732,22 @@ def pruning_curves(
                 for mode in modes:
                     plan.append((i, k, mode))
                     interventions.append((i, chosen[mode].tolist()))
-        samples = _SampleArgs(x, extra, keyword)
-        probs = None
-        if method != "loop":
-            probes: List[_Intervention] = []
-            if method == "auto":  # sample 0 without its most salient unit, and without every other unit, of each entry
-                entries = [e for e in layout if e.num_units > 0]
-                probes = [(0, [e.slice.start + int(z[0, e.slice].argmax()) for e in entries]),
-                          (0, [c for e in entries for c in range(e.slice.start, e.slice.stop, 2)])]
-            probs = _vmapped(model, ps.output_fn, layout, samples, interventions, chunk_size, probes)
+        probs, took = None, "loop"
+        paths = {"auto": ("masks", "vmap"), "masks": ("masks",), "vmap": ("vmap",), "loop": ()}[method]
+        probes: List[_Intervention] = []
+        if method == "auto":
+            # sample 0 without its most salient unit, and without every other unit, of each entry; the last
+            # sample without its most salient unit of each entry (so that the probes' batch holds two samples)
+            entries = [e for e in layout if e.num_units > 0]
+            last = len(wrong) - 1
+            probes = [(0, [e.slice.start + int(z[0, e.slice].argmax()) for e in entries]),
+                      (0, [c for e in entries for c in range(e.slice.start, e.slice.stop, 2)]),
+                      (last, [e.slice.start + int(z[last, e.slice].argmax()) for e in entries])]
+        for path in paths:
+            probs = _batched(model, ps.output_fn, layout, samples, interventions, chunk_size, path, probes)
+            if probs is not None:
+                took = path
+                break
         if probs is None:
             probs = _looped(model, ps.output_fn, layout, samples, interventions)
         records: List[Dict[str, Any]] = []
@@ -566,4 +762,4 @@ def pruning_curves(
                 "delta_true_prob": float(p[true] - p0[true]),
                 "delta_wrong_prob": float(p[bad] - p0[bad]),
             })
-    return PruningResult(records, ks, list(modes), len(wrong), inputs.shape[0])
+    return PruningResult(records, ks, list(modes), len(wrong), inputs.shape[0], took)
