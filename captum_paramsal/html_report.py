@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,7 @@ def write_report(
     noun: str = "sample",
     groups=None,
     max_groups: int = 6,
+    progress: Optional[bool] = None,
 ) -> str:
     """Write ``out_dir/report.html`` (and its figures) for ``inputs``; return its path.
 
@@ -102,6 +103,9 @@ def write_report(
         groups: an :class:`~captum_paramsal.analysis.ErrorGroups` of these (or other) data:
             a section lists the groups, their (true, predicted) pairs and culprit units, with
             a figure for each of the ``max_groups`` largest.
+        progress: a tqdm bar over the report's steps (profiles, maps, figures, turn-off
+            test, groups, page): None (the default) shows it once the report has taken 3 s;
+            True from the start; False never.
 
     Figures are built without pyplot and written with ``Figure.savefig``: the caller's
     matplotlib backend (a notebook's, say) is left as it is.
@@ -128,8 +132,15 @@ def write_report(
     chosen = wrong if (wrong and only_misclassified) else list(range(len(labels)))
     chosen = chosen[:max_samples]
 
+    from tqdm.auto import tqdm
+
+    # a bar over the report's steps: None shows it once the report has taken 3 s (a torchvision model's)
+    bar = tqdm(total=6, unit="step", desc="report", disable=progress is False, delay=0.0 if progress else 3.0)
+    step = _stepper(bar)
     x, y, p = inputs[chosen], labels[chosen], predicted[chosen]
+    step("profiles")
     prof = ps.profile(x, target=y)  # loss at the true label: what would fix the mistake
+    step("input saliency and Captum's maps")
     pgis = ParameterGuidedInputSaliency.from_parameter_saliency(ps, k=k)
     leaf = x.detach().clone().requires_grad_()  # Captum warns when it has to set this itself
     maps = {
@@ -139,6 +150,7 @@ def write_report(
             leaf, target=p, n_steps=32, internal_batch_size=64
         ).detach(),
     }
+    step("figures")
     samples: List[ExplainedSample] = []
     tops = prof.top_k(k)
     for row, position in enumerate(chosen):
@@ -155,6 +167,7 @@ def write_report(
         samples.append(ExplainedSample(index, int(y[row]), int(p[row]),
                                        [(u.param, u.unit, u.value) for u in tops[row]], figure, profile_figure))
 
+    step("turn-off test")
     pruning_html = "<p>No misclassified samples among these inputs: no turn-off test.</p>"
     if wrong:
         if pruning is None:
@@ -170,11 +183,28 @@ def write_report(
             + _table_html(pruning.COLUMNS, pruning.formatted_rows())
             + '<img src="figures/pruning_curves.png" alt="pruning curves">'
         )
+    step("error groups")
     groups_html = _groups_html(groups, out_dir, classes, max_groups) if groups is not None else ""
+    step("page")
     path = os.path.join(out_dir, "report.html")
     with open(path, "w") as f:
         f.write(_html(title, samples, classes, pruning_html, notes, prof.value_label, noun, groups_html))
+    bar.update(1)
+    bar.close()
     return path
+
+
+def _stepper(bar: Any) -> Callable[[str], None]:
+    """``step(name)``: the bar's previous step done, ``name`` the one now running."""
+    started = [False]
+
+    def step(name: str) -> None:
+        if started[0]:
+            bar.update(1)
+        started[0] = True
+        bar.set_postfix_str(name, refresh=False)
+
+    return step
 
 
 def _groups_html(groups, out_dir: str, classes: Optional[Sequence[str]], max_groups: int) -> str:

@@ -1,5 +1,6 @@
-"""Test-session settings: a headless matplotlib, the `slow` marker on tests of files marked from
-here, and a closing line that says what a marker expression left out.
+"""Test-session settings: a headless matplotlib, `compile_kernels="auto"` kept eager, the `slow`
+marker on tests of files marked from here, and a closing line that says what a marker expression
+left out.
 
 `naive` and `helpers` import through ``pythonpath = ["tests"]`` in pyproject.toml.
 """
@@ -7,6 +8,7 @@ here, and a closing line that says what a marker expression left out.
 from __future__ import annotations
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
@@ -21,9 +23,18 @@ SLOW_BY_FILE = {
 _deselected: list = []
 
 
-def pytest_collection_modifyitems(config, items):
-    import pytest
+@pytest.fixture(autouse=True)
+def auto_compile_never_switches(monkeypatch):
+    """``compile_kernels="auto"`` (the default) switches to compiled kernels after a number of
+    seconds of eager passes: in the suite that would make a test's path depend on how fast the
+    machine is (and add a compilation to whichever test crosses the line). So here "auto" stays
+    eager; tests/test_compiled.py tests the switch itself, with prices of its own."""
+    from captum_paramsal.per_sample import compiled
 
+    monkeypatch.setattr(compiled, "AUTO_AFTER_SECONDS", {"warm": float("inf"), "cold": float("inf")})
+
+
+def pytest_collection_modifyitems(config, items):
     for item in items:
         names = SLOW_BY_FILE.get(item.path.name, ())
         if names is None or getattr(item, "originalname", item.name) in names:

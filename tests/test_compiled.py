@@ -117,9 +117,37 @@ def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
     assert rel_err(boosted, ParameterGuidedInputSaliency(model, k=3).attribute(x, target=y)) < 1e-10
 
 
-def test_compile_kernels_must_be_a_bool():
-    with pytest.raises(TypeError, match="compile_kernels must be a bool"):
-        ParameterSaliency(SmallConvNet(), compile_kernels="yes")
+def test_compile_kernels_must_be_a_bool_or_auto():
+    for bad in ("yes", 1, None):
+        with pytest.raises(TypeError, match="compile_kernels must be True, False or 'auto'"):
+            ParameterSaliency(SmallConvNet(), compile_kernels=bad)
+
+
+def test_auto_is_eager_until_its_passes_took_the_price_then_compiled(kernel_calls, monkeypatch):
+    torch.manual_seed(0)
+    model = SmallConvNet().double()
+    x, y = torch.randn(6, 3, 6, 6, dtype=torch.float64), torch.randint(0, 5, (6,))
+    ps = ParameterSaliency(model)  # the default: "auto"
+    expected = naive_unit_saliency(model, (x,), y, list(ps.layout.names))
+    assert ps.compile_kernels == "auto" and not ps.compiles_next
+    assert rel_err(ps.attribute(x, target=y), expected) < 1e-10
+    assert kernel_calls == [] and ps._kernels.eager_seconds > 0  # eager, and its time counted
+    # a long call crosses the price on the way: its first pass eager, the next two compiled
+    monkeypatch.setattr(compiled_module, "AUTO_AFTER_SECONDS", {"warm": 1e-9, "cold": 1e-9})
+    fresh = ParameterSaliency(model)
+    assert not fresh.compiles_next  # nothing spent yet
+    got = fresh.attribute(x, target=y, internal_batch_size=2)
+    assert rel_err(got, expected) < 1e-10
+    assert fresh.compiles_next and kernel_calls and all(ok for _, ok in kernel_calls)
+    calls_of_one_pass = len(kernel_calls) // 2
+    assert calls_of_one_pass > 0 and len(kernel_calls) == 2 * calls_of_one_pass
+    # the input saliency sharing it shares its state (the kernels, what was spent)
+    boosting = ParameterGuidedInputSaliency(model, k=3, parameter_saliency=fresh)
+    assert boosting.compiles_next
+    # False stays eager whatever was spent
+    never = ParameterSaliency(model, compile_kernels=False)
+    never._kernels.eager_seconds = 1e6
+    assert not never.compiles_next
 
 
 def test_compiled_kernels_under_no_grad_and_in_noise_tunnel(kernel_calls):

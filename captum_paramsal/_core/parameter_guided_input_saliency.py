@@ -9,6 +9,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
+from ..per_sample.compiled import CompileSetting
 from ..per_sample.second_order import weighted_saliency_input_grads
 from ..saliency_profile import UnitScore
 from ..stats import SaliencyStats
@@ -123,7 +124,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         params: Optional[Sequence[str]] = None,
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
-        compile_kernels: bool = False,
+        compile_kernels: CompileSetting = "auto",
         parameter_saliency: Optional[ParameterSaliency] = None,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         layer: Optional[nn.Module] = None,
@@ -216,6 +217,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
         seed: Optional[int] = None,
         additional_forward_args: Any = None,
         internal_batch_size: Optional[int] = None,
+        show_progress: Optional[bool] = None,
     ) -> TensorOrTupleOfTensors:
         r"""Per-sample ``dO/dx`` (docs/METHOD.md, "Which input features make the units malfunction"), the shape
         of ``inputs``; with the constructor's ``layer``, ``dO/dh`` at that layer's output, its shape.
@@ -230,7 +232,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
                 :class:`~captum_paramsal.UnitScore` (:mod:`captum_paramsal.units`).
             random_units: boost ``k`` random units per sample (the paper's baseline).
             seed: seed for ``random_units``.
-            additional_forward_args, internal_batch_size: as in
+            additional_forward_args, internal_batch_size, show_progress: as in
                 :meth:`ParameterSaliency.attribute`.
 
         Returns:
@@ -265,7 +267,7 @@ class ParameterGuidedInputSaliency(ParameterSpaceAttribution):
 
         parts = []
         with evaluation_mode(self.model):
-            for index, run in enumerate(self._passes(prepared, internal_batch_size)):
+            for index, run in enumerate(self._passes(prepared, internal_batch_size, show_progress)):
                 start = index * step
                 chunk_units = None if per_sample_units is None else per_sample_units[start : start + run.batch]
 

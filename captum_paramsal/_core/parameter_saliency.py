@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._utils import TargetType, TensorOrTupleOfTensors, evaluation_mode
 from ..data import labelled_batches
 from ..per_sample import unit_saliency
+from ..per_sample.compiled import CompileSetting
 from ..saliency_profile import SaliencyProfile
 from ..stats import SaliencyStats, layout_fingerprint, weights_digest
 from ..unit_schemes import UnitsSpec
@@ -65,11 +66,18 @@ class ParameterSaliency(ParameterSpaceAttribution):
         compile_kernels: reduce the layers whose per-sample gradient has rank 2 to
             16 (a convolution with few output positions, a Linear over a short
             sequence) with kernels compiled by ``torch.compile``, which never write
-            the per-sample gradient: several times faster on those layers, but each
-            new layer shape compiles once per process (about a second, several for
-            the first), and a CPU needs a C++ compiler. Worth it for long passes
-            (:meth:`fit_stats`, many batches); where compiling fails it warns and
-            goes on without. Default False.
+            the per-sample gradient: several times faster on those layers, but the
+            first compiled pass of a process takes seconds (about 30 s for a
+            ResNet-18 on an empty inductor cache on 2 cores, 6 s warm), and a CPU
+            needs a C++ compiler (a GPU, triton). ``"auto"`` (the default): eager
+            until this method's passes have taken about what compiling costs (30 s
+            of eager passes, 6 s where kernels of this library compiled before into
+            the inductor cache), then compiled: a long pass (:meth:`fit_stats` over a
+            data set, an analysis over many batches, a loop of calls) switches on
+            the way, one small call never compiles; and eager throughout where no
+            compiler is found. ``True``: compile from the first pass; ``False``:
+            never. Where compiling fails it warns once and goes on without.
+            :attr:`compiles_next` says what the next pass does.
         output_fn: ``output_fn(model output) -> Tensor``: the tensor the loss is computed
             on. Default: the output itself, the ``logits`` of a Hugging Face ``ModelOutput``,
             or a tuple's first element. For a causal language model's next token, for
@@ -122,7 +130,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
         stats: Optional[SaliencyStats] = None,
-        compile_kernels: bool = False,
+        compile_kernels: CompileSetting = "auto",
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         units: UnitsSpec = "rows",
         check_weights: bool = True,
@@ -170,6 +178,7 @@ class ParameterSaliency(ParameterSpaceAttribution):
         additional_forward_args: Any = None,
         internal_batch_size: Optional[int] = None,
         standardize: bool = True,
+        show_progress: Optional[bool] = None,
     ) -> TensorOrTupleOfTensors:
         r"""Per-sample unit saliency of ``inputs``, standardized when :attr:`stats` is set.
 
@@ -188,6 +197,10 @@ class ParameterSaliency(ParameterSpaceAttribution):
                 which bounds memory; None processes the batch at once.
             standardize: with :attr:`stats` set, return z-scores (default) or,
                 with False, the raw profile. Ignored without statistics.
+            show_progress: a tqdm bar over the samples, chunk by chunk of
+                ``internal_batch_size``: None (the default) shows it only where the
+                batch is cut into chunks and the call runs longer than 3 s; True
+                always; False never.
 
         Returns:
             ``(B, F)`` saliency, columns as in :attr:`layout`; a 1-tuple holding
@@ -198,15 +211,16 @@ class ParameterSaliency(ParameterSpaceAttribution):
             the subtraction in float32.
         """
         prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
-        saliency = self._raw_saliency(prepared, internal_batch_size)
+        saliency = self._raw_saliency(prepared, internal_batch_size, show_progress)
         if standardize and self._stats is not None:
             saliency = self._stats.standardize(saliency)  # float64: see "Returns"
         return (saliency,) if prepared.is_tuple else saliency
 
-    def _raw_saliency(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Tensor:
+    def _raw_saliency(self, prepared: PreparedBatch, internal_batch_size: Optional[int],
+                      show_progress: Optional[bool] = False) -> Tensor:
         """``(B, F)`` raw saliency of a checked batch."""
         with evaluation_mode(self.model):
-            rows = [unit_saliency(run) for run in self._passes(prepared, internal_batch_size)]
+            rows = [unit_saliency(run) for run in self._passes(prepared, internal_batch_size, show_progress)]
         return self._columns(torch.cat(rows) if len(rows) > 1 else rows[0])
 
     def profile(
@@ -216,10 +230,11 @@ class ParameterSaliency(ParameterSpaceAttribution):
         additional_forward_args: Any = None,
         internal_batch_size: Optional[int] = None,
         standardize: bool = True,
+        show_progress: Optional[bool] = None,
     ) -> SaliencyProfile:
         """:meth:`attribute` wrapped in a :class:`SaliencyProfile` (values with their layout)."""
         prepared = self._prepare(inputs, target, additional_forward_args, internal_batch_size)
-        values = self._raw_saliency(prepared, internal_batch_size)
+        values = self._raw_saliency(prepared, internal_batch_size, show_progress)
         standardized = standardize and self._stats is not None
         if standardized:
             values = self._stats.standardize(values)  # float64, as in attribute

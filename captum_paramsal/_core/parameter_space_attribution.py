@@ -11,6 +11,7 @@ once.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -44,12 +45,16 @@ from ..per_sample import (
     select_parameters,
 )
 from ..per_sample.batching import slice_batch, slice_kwargs
-from ..per_sample.compiled import CompiledKernels
+from ..per_sample.compiled import CompiledKernels, CompileSetting, check_compile_setting
 from ..per_sample.engine import model_output_tensor
 from ..per_sample.reductions import Reduction
 from ..unit_schemes import UnitPlan, UnitsSpec, plan_units
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+#: seconds a call runs before ``show_progress=None`` shows its bar over the chunks
+PROGRESS_DELAY = 3.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ class ParameterSpaceAttribution(GradientAttribution):
         loss_fn: ``loss_fn(outputs, target) -> (B,)``; default cross-entropy per sample.
         reduction: ``"mean_abs"``, ``"mean"`` or ``"rms"`` (:mod:`..per_sample.reductions`).
         fallback_chunk_size: samples per chunk of the generic ``torch.func`` fallback.
-        compile_kernels: reduce low-rank layers with compiled kernels where they apply.
+        compile_kernels: reduce low-rank layers with compiled kernels where they apply:
+            True, False, or ``"auto"`` (compile once the method's eager passes have taken
+            about what compiling costs; see :mod:`captum_paramsal.per_sample.compiled`).
         output_fn: ``output_fn(model output) -> Tensor``, what the loss is computed on.
             Default: the output itself, the ``logits`` of a Hugging Face ``ModelOutput``, or
             the first element of a tuple.
@@ -97,7 +104,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         loss_fn: Optional[LossFn] = None,
         reduction: str = "mean_abs",
         fallback_chunk_size: int = 16,
-        compile_kernels: bool = False,
+        compile_kernels: CompileSetting = "auto",
         share: Optional[ParameterSpaceAttribution] = None,
         output_fn: Optional[Callable[[Any], Tensor]] = None,
         units: UnitsSpec = "rows",
@@ -129,9 +136,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         if isinstance(fallback_chunk_size, bool) or not isinstance(fallback_chunk_size, int) or fallback_chunk_size < 1:
             raise ValueError(f"fallback_chunk_size must be a positive int, got {fallback_chunk_size!r}")
         self.fallback_chunk_size = fallback_chunk_size
-        if not isinstance(compile_kernels, bool):
-            raise TypeError(f"compile_kernels must be a bool, got {compile_kernels!r}")
-        self.compile_kernels = compile_kernels
+        self.compile_kernels: CompileSetting = check_compile_setting(compile_kernels)
         self._kernels = CompiledKernels()
         # rule-covered default parameters that a probe sent to the fallback, already warned about
         self._warned_routes: set = set()
@@ -145,7 +150,7 @@ class ParameterSpaceAttribution(GradientAttribution):
         if other.model is not self.model:
             raise ValueError("share= must be a method of the same model")
         given = dict(params=params, loss_fn=loss_fn, fallback_chunk_size=fallback_chunk_size != 16,
-                     reduction=reduction != "mean_abs", compile_kernels=compile_kernels, output_fn=output_fn)
+                     reduction=reduction != "mean_abs", compile_kernels=compile_kernels != "auto", output_fn=output_fn)
         clashing = [name for name, value in given.items() if value not in (None, False)]
         if clashing:
             raise ValueError(f"with share=, {', '.join(clashing)} come from the shared method; leave them out")
@@ -228,23 +233,62 @@ class ParameterSpaceAttribution(GradientAttribution):
         labels = normalize_target(target, inputs_tuple[0].shape[0], device, class_labels=self._default_loss)
         return PreparedBatch(inputs_tuple, extra, labels, is_tuple, keyword)
 
-    def _passes(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Iterator[SaliencyPass]:
+    def _passes(
+        self, prepared: PreparedBatch, internal_batch_size: Optional[int], show_progress: Optional[bool] = False
+    ) -> Iterator[SaliencyPass]:
         """One :class:`SaliencyPass` per chunk of samples. Call it inside
-        ``evaluation_mode(self.model)``: the probe runs on the first chunk."""
+        ``evaluation_mode(self.model)``: the probe runs on the first chunk. ``show_progress``:
+        a tqdm bar over the samples, chunk by chunk; None: only where the batch is cut into
+        chunks, and only once the call has run :data:`PROGRESS_DELAY` seconds."""
+        passes = self._chunk_passes(prepared, internal_batch_size)
+        step = internal_batch_size or prepared.batch
+        if show_progress is False or (show_progress is None and step >= prepared.batch):
+            yield from passes
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=prepared.batch, unit="sample", desc=type(self).__name__,
+                  delay=0.0 if show_progress else PROGRESS_DELAY) as bar:
+            for run in passes:
+                yield run
+                bar.update(run.batch)
+
+    def _chunk_passes(self, prepared: PreparedBatch, internal_batch_size: Optional[int]) -> Iterator[SaliencyPass]:
         batch, extra, keyword = prepared.batch, prepared.additional_forward_args, prepared.forward_kwargs
         routing = self._routing_cache.routing(self.model, self._selection, prepared.inputs, extra, keyword)
         self._warn_probe_fallback(routing)
-        policy = KernelPolicy.for_device(self._device(), self.compile_kernels, self._kernels)
+        device = self._device()
         step = internal_batch_size or batch
         for start in range(0, batch, step):
             stop = min(start + step, batch)
             labels = None if prepared.labels is None else prepared.labels[start:stop]
+            compiles = self._kernels.should_compile(self.compile_kernels, device.type)
+            policy = KernelPolicy.for_device(device, compiles, self._kernels)
+            began = time.perf_counter()
             yield SaliencyPass(
                 self.model, self._selection, routing,
                 slice_batch(prepared.inputs, batch, start, stop), slice_batch(extra, batch, start, stop),
                 label_resolver(labels, self._default_loss), self.loss_fn, self._reduction, policy,
                 self.fallback_chunk_size, slice_kwargs(keyword, batch, start, stop), self.output_fn,
             )
+            if not compiles:  # the time until the caller asks for the next pass: this one's
+                self._kernels.eager_seconds += time.perf_counter() - began
+
+    @property
+    def compiles_next(self) -> bool:
+        """Whether the next pass reduces with compiled kernels (``compile_kernels=True``, or
+        ``"auto"`` once it pays; see :mod:`captum_paramsal.per_sample.compiled`).
+
+        Examples::
+
+            >>> ps = ParameterSaliency(model)          # compile_kernels="auto"
+            >>> ps.compiles_next
+            False
+            >>> ps.stats = ps.fit_stats(loader)         # a long pass: switches on the way
+            >>> ps.compiles_next
+            True
+        """
+        return self._kernels.should_compile(self.compile_kernels, self._device().type)
 
     def routing(self, inputs: TensorOrTupleOfTensors, additional_forward_args: Any = None) -> RoutingReport:
         """For each selected parameter, which rule computes it or why the fallback does.

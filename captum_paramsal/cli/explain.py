@@ -39,6 +39,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-samples", type=int, default=8, help="samples explained in the report (default 8)")
     parser.add_argument("--top-k", type=int, default=10, help="salient units per sample (default 10)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar (by default one shows once the report has taken 3 s)")
     parser.add_argument("--out", default="paramsal-report",
                         help="report folder (default ./paramsal-report); an existing one is updated in place")
     add_overwrite_argument(parser, "an existing file at --out by the report folder (else refused)")
@@ -129,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     path = write_report(
         model, ps, x, y, args.out, classes=classes, title=f"Why {args.model} decides as it does on these images",
         max_samples=args.max_samples, k=args.top_k, low_percentile=low_percentile, noun="image",
+        progress=False if args.no_progress else None,
     )
     print(f"Report: {os.path.abspath(path)}")
     return 0

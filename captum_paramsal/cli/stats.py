@@ -44,8 +44,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
-        "--compile-kernels", action="store_true",
-        help="reduce the low-rank layers with torch.compile'd kernels: seconds to compile, then faster passes",
+        "--compile-kernels", nargs="?", const="yes", default="auto", choices=("auto", "yes", "no"),
+        help="reduce the low-rank layers with torch.compile'd kernels (seconds to compile, then faster passes): "
+             "auto (the default) compiles once the eager passes have taken about what compiling costs; "
+             "yes (or the bare flag) from the first batch; no never",
     )
     parser.set_defaults(run=run)
 
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             shard(dataset, rank, world, args.max_samples), batch_size=args.batch_size,
             num_workers=args.workers, collate_fn=stack_batch, pin_memory=device.type == "cuda",
         )
-        ps = ParameterSaliency(model, compile_kernels=args.compile_kernels)
+        ps = ParameterSaliency(model, compile_kernels={"auto": "auto", "yes": True, "no": False}[args.compile_kernels])
         stats = ps.fit_stats(
             loader, progress=not args.no_progress, internal_batch_size=args.internal_batch_size, shard=False
         )
