@@ -4,8 +4,10 @@ same process (machines are noisy: ratios, not seconds)."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
+import importlib.util
 import math
 import multiprocessing
 import platform
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 import captum_paramsal
 
@@ -254,3 +256,187 @@ def layout_rel_diff(result: torch.Tensor, reference: torch.Tensor, layout: Any) 
         a, ref = result[:, entry.slice], reference[:, entry.slice]
         worst = max(worst, float((a - ref).abs().max()) / max(float(ref.abs().max()), 1e-30))
     return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# A transformer model (bench_transformers.py's and bench_saliency.py's ``encoder`` case)
+# ----------------------------------------------------------------------------------------------
+
+
+class EncoderClassifier(nn.Module):
+    """``nn.TransformerEncoder`` over ``(B, T, d_model)`` inputs, mean-pooled, a Linear classifier."""
+
+    def __init__(self, d_model: int = 256, heads: int = 4, feedforward: int = 1024, layers: int = 2,
+                 classes: int = 10) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, feedforward, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x).mean(1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Peers: Opacus and BackPACK per-sample gradients of the selected weights
+# ----------------------------------------------------------------------------------------------
+
+#: the package each peer method needs (methods not listed need none)
+PEER_PACKAGES: Dict[str, str] = {
+    "opacus": "opacus",
+    "opacus-functorch": "opacus",
+    "backpack": "backpack",
+    "backpack-fx": "backpack",
+}
+
+
+def installed(method: str) -> bool:
+    """Whether the package ``method`` needs (``PEER_PACKAGES``) is installed."""
+    package = PEER_PACKAGES.get(method)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def short_reason(error: BaseException) -> str:
+    """``error`` on one line, cut to a table cell."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}"[:110]
+
+
+def frozen_copy(model: nn.Module, names: Sequence[str]) -> Tuple[nn.Module, List[nn.Parameter]]:
+    """A deep copy of ``model`` (tied weights stay tied) with only the parameters ``names`` trainable,
+    and those parameters of the copy, in that order."""
+    model = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    selected = [params[name] for name in names]
+    keep = {id(p) for p in selected}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return model, selected
+
+
+def _dropout_off(module: nn.Module) -> None:
+    if isinstance(module, nn.Dropout):
+        module.p = 0.0
+    for attr in ("attention_dropout", "dropout"):  # HF attention modules keep plain floats
+        if isinstance(getattr(module, attr, None), float):
+            setattr(module, attr, 0.0)
+
+
+def train_mode_without_dropout(model: nn.Module) -> None:
+    """Training mode (Opacus records activations only in training mode) with every dropout off,
+    so that the copy computes what the eval-mode model does (where nothing else, e.g. a
+    BatchNorm, depends on the mode)."""
+    model.train()
+    for module in model.modules():
+        _dropout_off(module)
+
+
+def train_mode_where_hooked(model: nn.Module) -> None:
+    """Eval mode everywhere except the modules that own a trainable parameter (the ones Opacus
+    hooks; it records their activations only in training mode), each set to training mode on its
+    own (not its children) with its dropout off: a frozen BatchNorm stays in eval mode, on its
+    running statistics, as in the eval-mode model."""
+    model.eval()
+    for module in model.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.training = True
+            _dropout_off(module)
+
+
+def prepare_opacus(
+    model: nn.Module,
+    names: Sequence[str],
+    *,
+    force_functorch: bool = False,
+    train_mode: Callable[[nn.Module], None] = train_mode_without_dropout,
+    strict: bool = False,
+) -> Tuple[Any, List[nn.Parameter]]:
+    """``opacus.GradSampleModule`` (``loss_reduction="sum"``, batch first) around a frozen copy of
+    ``model`` (``frozen_copy``) put in training mode by ``train_mode``, and the copy's selected
+    parameters. ``force_functorch``: Opacus's functorch mode (``vmap`` of each hooked layer's
+    own gradient) instead of its per-layer-type hooks."""
+    from opacus import GradSampleModule
+
+    copied, selected = frozen_copy(model, names)
+    train_mode(copied)
+    wrapped = GradSampleModule(copied, batch_first=True, loss_reduction="sum", strict=strict,
+                               force_functorch=force_functorch)
+    return wrapped, selected
+
+
+def prepare_backpack(
+    model: nn.Module, names: Sequence[str], use_converter: bool = False
+) -> Tuple[Any, List[nn.Parameter]]:
+    """BackPACK's ``extend`` of a frozen copy of ``model`` (``frozen_copy``), and its selected
+    parameters. ``use_converter``: ``extend(..., use_converter=True)``, which first rewrites the
+    model by ``torch.fx`` (e.g. a residual ``out += identity`` into a module of its own); the
+    selected parameters are then looked up by name in the rewritten model."""
+    from backpack import extend
+
+    copied, selected = frozen_copy(model, names)
+    if not use_converter:
+        return extend(copied), selected
+    converted = extend(copied, use_converter=True)
+    params = dict(converted.named_parameters())
+    return converted, [params[name] for name in names]
+
+
+def per_sample_grads(
+    names: Sequence[str], selected: Sequence[nn.Parameter], attr: str, owner: nn.Module
+) -> List[Tensor]:
+    """Each selected weight's per-sample gradient (its attribute ``attr``), or a ``RuntimeError``
+    naming the layer types (in ``owner``) where a peer left a selected weight without one."""
+    missing = [n for n, p in zip(names, selected) if getattr(p, attr, None) is None]
+    if missing:
+        kinds = sorted({type(owner.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in missing})
+        raise RuntimeError(f"no {attr} for {len(missing)} of {len(selected)} weights ({', '.join(kinds)})")
+    return [getattr(p, attr) for p in selected]
+
+
+def opacus_grads(
+    prepared: Tuple[Any, List[nn.Parameter]],
+    names: Sequence[str],
+    owner: nn.Module,
+    losses_of: Callable[[nn.Module], Tensor],
+) -> List[Tensor]:
+    """The per-sample gradients (``p.grad_sample``) of the selected weights from one forward
+    (``losses_of(wrapped)``: the ``(B,)`` per-sample losses) and a backward of their sum, with
+    ``prepare_opacus``'s ``prepared``; the attributes are cleared again afterwards."""
+    wrapped, selected = prepared
+    for p in selected:
+        p.grad_sample = None
+        p.grad = None
+    try:
+        losses_of(wrapped).sum().backward()
+        return per_sample_grads(names, selected, "grad_sample", owner)
+    finally:
+        for p in selected:
+            p.grad_sample = None
+            p.grad = None
+
+
+def backpack_grads(
+    prepared: Tuple[Any, List[nn.Parameter]],
+    names: Sequence[str],
+    owner: nn.Module,
+    losses_of: Callable[[nn.Module], Tensor],
+) -> List[Tensor]:
+    """The per-sample gradients (``p.grad_batch``, BackPACK's ``BatchGrad``) of the selected
+    weights from one forward (``losses_of(model)``: the ``(B,)`` per-sample losses) and a backward
+    of their sum, with ``prepare_backpack``'s ``prepared``; the attributes are cleared afterwards."""
+    from backpack import backpack
+    from backpack.extensions import BatchGrad
+
+    model, selected = prepared
+    for p in selected:
+        p.grad = None
+    try:
+        losses = losses_of(model)
+        with backpack(BatchGrad()):
+            losses.sum().backward()
+        return per_sample_grads(names, selected, "grad_batch", owner)
+    finally:
+        for p in selected:
+            p.grad = None
+            if hasattr(p, "grad_batch"):
+                del p.grad_batch

@@ -4,9 +4,18 @@ What is measured
 ----------------
 Every method computes the same thing (docs/METHOD.md, "Parameter-space saliency"): for each
 sample ``i`` of a batch, the gradient
-of its own cross-entropy loss over the selected weights (every Conv2d / Linear ``weight`` of a
-torchvision ResNet), reduced per unit (conv filter / linear row) to the mean of ``|grad|``,
-giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layout``.
+of its own cross-entropy loss over the selected weights (the default selection of
+``ParameterSaliency(model)``: every Conv2d / Linear ``weight`` of a torchvision ResNet; every
+Linear weight and attention in-projection of the encoder), reduced per unit (conv filter /
+linear row / in-projection row) to the mean of ``|grad|``, giving a ``(B, F)`` matrix whose
+columns follow ``ParameterSaliency(model).layout``.
+
+Cases: ``resnet18`` (CPU, 32x32, batch 64), ``resnet50`` (CPU, 224x224, batch 8),
+``resnet50-b64`` (CUDA, batch 64): torchvision models with seeded random weights, 10 or 1000
+classes; ``encoder`` (CPU): ``nn.TransformerEncoder`` of 2 layers (d_model 256, 4 heads,
+feed-forward 1024, batch first; ``bench_common.EncoderClassifier``, as in
+bench_transformers.py) over ``(32, 64, 256)`` float inputs, mean-pooled, a Linear head of 10
+classes (``--quick``: 1 layer, ``(8, 32, 256)``).
 
 * ``fwd+bwd``  the bar to compare against, not a saliency method: one plain forward and backward
   of the whole batch (``model.zero_grad()``, ``model(x)``, mean cross-entropy, ``.backward()``).
@@ -14,7 +23,9 @@ giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layou
 * ``compiled`` the same with ``ParameterSaliency(model, compile_kernels=True)``: the layers of
   rank 2..16 reduced by ``torch.compile``d kernels (opt-in). Compiling happens in the warm-up
   call, which is not timed (it takes seconds: see the summary line); its CPU peak memory is not
-  measured (a cold call's would be the compiler's).
+  measured (a cold call's would be the compiler's). On the encoder no layer has rank 2..16 (the
+  per-sample gradients have rank up to the sequence length, the head's rank 1): nothing is
+  compiled, the row is the engine's path.
 * ``rms``      ``ParameterSaliency(model, reduction="rms")``: the root-mean-square reduction
   (closed form by the Gram matrix of the layer's factors where that is cheaper); checked
   against a naive loop with the same reduction, not against the ``mean_abs`` methods.
@@ -30,7 +41,53 @@ giving a ``(B, F)`` matrix whose columns follow ``ParameterSaliency(model).layou
   which fills ``param.sample_grad`` with per-sample gradients (of the biases too: its API has no
   way to skip them), then the same reduction. Its hooks need every hooked layer's input to
   require grad, so the batch is passed with ``requires_grad=True``. ``n/a`` when a selected weight is not a Conv2d or
-  Linear weight.
+  Linear weight (the encoder: its attention in-projection).
+
+The peers (``bench_common``), each on a deep copy of the model made by its first (untimed)
+call (in a CPU memory child: before the measured call), in which every parameter that is not
+selected is frozen (``requires_grad_(False)``): the per-sample losses are summed and
+back-propagated once, and the per-sample gradients they leave on the selected weights are
+reduced as above.
+
+* ``opacus``   ``opacus.GradSampleModule(copy, loss_reduction="sum", strict=True)``, its default
+  hooks mode (a grad sampler per layer type: unfold for Conv2d, einsum for Linear);
+  ``p.grad_sample``. On the ResNets it needed (1) the frozen copy: a trainable BatchNorm is
+  refused (``strict=True``: "NotImplementedError: Model contains a trainable layer with buffers
+  that Opacus doesn't currently support (bn1: BatchNorm2d ...)"; ``strict=False`` then fails in
+  the BatchNorm's functorch fallback: "This layer has buffers and is not supported by Opacus"),
+  frozen BatchNorms are left alone and pass the check; (2) training mode on the hooked layers
+  only (``bench_common.train_mode_where_hooked``): it records a layer's activations only in
+  training mode (a copy all in eval mode: "ValueError: No activations detected for <class
+  'torch.nn.modules.linear.Linear'>"), and a BatchNorm in training mode normalizes by the
+  batch's statistics (``model.train()``: a relative difference of 24 from the naive loop on
+  a resnet18 probe of batch 4). On the encoder it does not run:
+  Opacus has no grad sampler for ``nn.MultiheadAttention``, so it takes its functorch fallback,
+  which calls the layer with its first input alone ("TypeError: MultiheadAttention.forward()
+  missing 2 required positional arguments: 'key' and 'value'"). Its own fix,
+  ``ModuleValidator.fix`` (``opacus.layers.DPMultiheadAttention``, the same weights), is not
+  used: with ``batch_first=True`` that layer (Opacus 1.6.0) computes another function (its output
+  reshape mixes heads with positions: 0.7 max abs off ``nn.MultiheadAttention``; exact with
+  ``batch_first=False``), 0.048 relative off the naive loop on a 1-layer probe of ``(4, 16, 256)``.
+* ``opacus-functorch``  the same with ``force_functorch=True``: every hooked layer's
+  per-sample gradient by ``torch.func.vmap(grad(...))`` of that layer alone; the same needs and
+  the same refusal on the encoder.
+* ``backpack`` BackPACK's ``extend(copy)`` and ``BatchGrad``; ``p.grad_batch``. On the ResNets it
+  does not run: its full backward hooks on every module forbid an in-place change of a hooked
+  module's output, which the residual ``out += identity`` is (on the BatchNorm's output; also
+  with ``ReLU(inplace=False)``): "RuntimeError: Output 0 of BackwardHookFunction is a view and is
+  being modified inplace ...". On the encoder: no BatchGrad extension for
+  ``nn.MultiheadAttention`` (the in-projection) nor for ``NonDynamicallyQuantizableLinear`` (its
+  output projection, a Linear subclass: BackPACK dispatches on the exact type), "RuntimeError: no
+  grad_batch for 2 of 5 weights (MultiheadAttention, NonDynamicallyQuantizableLinear)".
+* ``backpack-fx`` the same with ``extend(copy, use_converter=True)``: BackPACK first rewrites
+  the model by ``torch.fx`` (the residual additions become modules of their own; parameter
+  names are kept). This runs on the ResNets (with the frozen copy; BatchNorms in eval mode);
+  on the encoder it gives the same refusal as ``backpack``.
+
+A peer that is not installed prints ``not installed``; one that fails prints ``does not run:
+<reason>`` (the benchmark goes on); one that differs from the naive loop by more than
+``--tolerance`` prints ``wrong: differs by ...`` and is not timed. ``pip install
+"captum-paramsal[bench]"`` installs Opacus and BackPACK.
 
 All methods run with the model in eval mode (as the engine does: samples do not interact
 through BatchNorm), on the same seeded model, inputs and labels, in ONE process.
@@ -61,11 +118,13 @@ present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFO
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,21 +133,31 @@ from torch import Tensor, nn
 from captum_paramsal import ParameterSaliency
 
 from bench_common import (
+    PEER_PACKAGES,
+    EncoderClassifier,
     MethodResult,
+    backpack_grads,
     build_torchvision_model,
     cuda_peak_memory,
     fmt,
     forked_peak_rss,
+    installed,
     interleaved_times,
     is_oom,
     layout_rel_diff,
     make_logger,
+    opacus_grads,
+    prepare_backpack,
+    prepare_opacus,
     print_report,
     release_free_heap,
+    short_reason,
     sync,
+    train_mode_where_hooked,
 )
 
-METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "compiled", "rms", "naive", "vmap", "captum")
+PEERS: Tuple[str, ...] = ("opacus", "opacus-functorch", "backpack", "backpack-fx")
+METHODS: Tuple[str, ...] = ("fwd+bwd", "engine", "compiled", "rms", "naive", "vmap", "captum", *PEERS)
 TARGET_RATIO = 1.5
 
 
@@ -99,25 +168,28 @@ TARGET_RATIO = 1.5
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark configuration: a torchvision model, its input size, batch and device."""
+    """One benchmark configuration: a model, its input size, batch and device."""
 
     name: str
-    arch: str
+    arch: str  # a torchvision model, or "encoder" (bench_common.EncoderClassifier)
     num_classes: int
-    image_size: int
+    size: int  # the image side, or the encoder's sequence length
     batch: int
     device: str
     reps: int
-    quick_image_size: int
+    quick_size: int
     quick_batch: int
+    layers: int = 0  # the encoder's layers
+    quick_layers: int = 0
 
 
 CASES: Dict[str, Case] = {
-    "resnet18": Case("resnet18", "resnet18", 10, 32, 64, "cpu", reps=5, quick_image_size=32, quick_batch=8),
-    "resnet50": Case("resnet50", "resnet50", 1000, 224, 8, "cpu", reps=3, quick_image_size=64, quick_batch=2),
-    "resnet50-b64": Case(
-        "resnet50-b64", "resnet50", 1000, 224, 64, "cuda", reps=5, quick_image_size=224, quick_batch=8
-    ),
+    "resnet18": Case("resnet18", "resnet18", 10, 32, 64, "cpu", reps=5, quick_size=32, quick_batch=8),
+    "resnet50": Case("resnet50", "resnet50", 1000, 224, 8, "cpu", reps=3, quick_size=64, quick_batch=2),
+    "resnet50-b64": Case("resnet50-b64", "resnet50", 1000, 224, 64, "cuda", reps=5, quick_size=224, quick_batch=8),
+    # quick: sequence 32, so that (as at 64) no layer has rank 2..16 and nothing is compiled
+    "encoder": Case("encoder", "encoder", 10, 64, 32, "cpu", reps=5, quick_size=32, quick_batch=8, layers=2,
+                    quick_layers=1),
 }
 
 
@@ -133,6 +205,7 @@ class Setup:
     rms: ParameterSaliency
     names: List[str]
     vmap_chunk: Optional[int] = None
+    copies: Dict[str, Any] = field(default_factory=dict)  # the peers' prepared model copies
 
     @property
     def device(self) -> torch.device:
@@ -153,12 +226,23 @@ def make_setup(model: nn.Module, x: Tensor, y: Tensor, vmap_chunk: Optional[int]
     return Setup(model, x, y, saliency, compiled, rms, names, vmap_chunk)
 
 
+def build_model(case: Case, quick: bool) -> nn.Module:
+    """The case's model with seeded random weights (no download), in eval mode."""
+    if case.arch == "encoder":
+        torch.manual_seed(0)
+        return EncoderClassifier(layers=case.quick_layers if quick else case.layers, classes=case.num_classes).eval()
+    return build_torchvision_model(case.arch, case.num_classes)
+
+
 def build_setup(case: Case, device: str, quick: bool, vmap_chunk: Optional[int]) -> Setup:
     """The seeded model, batch and labels of ``case`` (identical in every process)."""
-    size, batch = (case.quick_image_size, case.quick_batch) if quick else (case.image_size, case.batch)
-    model = build_torchvision_model(case.arch, case.num_classes).to(device)
+    size, batch = (case.quick_size, case.quick_batch) if quick else (case.size, case.batch)
+    model = build_model(case, quick).to(device)
     torch.manual_seed(1)
-    x = torch.randn(batch, 3, size, size).to(device)
+    if case.arch == "encoder":
+        x = torch.randn(batch, size, model.head.in_features).to(device)
+    else:
+        x = torch.randn(batch, 3, size, size).to(device)
     y = torch.randint(0, case.num_classes, (batch,)).to(device)
     return make_setup(model, x, y, vmap_chunk)
 
@@ -258,6 +342,35 @@ def run_captum(setup: Setup) -> Tensor:
     return saliency
 
 
+# the peers (bench_common): each on its own frozen copy of the model, made by its first call
+PREPARERS: Dict[str, Callable[[Setup], Any]] = {
+    # Opacus: only the hooked layers in training mode (a BatchNorm stays on its running statistics)
+    "opacus": lambda s: prepare_opacus(s.model, s.names, train_mode=train_mode_where_hooked, strict=True),
+    "opacus-functorch": lambda s: prepare_opacus(
+        s.model, s.names, force_functorch=True, train_mode=train_mode_where_hooked, strict=True
+    ),
+    "backpack": lambda s: prepare_backpack(s.model, s.names),
+    "backpack-fx": lambda s: prepare_backpack(s.model, s.names, use_converter=True),
+}
+
+
+def prepared(setup: Setup, method: str) -> Any:
+    """The peer ``method``'s model copy (made once: set-up, not part of a call)."""
+    if method not in setup.copies:
+        setup.copies[method] = PREPARERS[method](setup)
+    return setup.copies[method]
+
+
+def run_peer(setup: Setup, method: str) -> Tensor:
+    """An Opacus or BackPACK row: one forward of the copy, the summed per-sample losses' backward."""
+    grads_of = opacus_grads if method.startswith("opacus") else backpack_grads
+
+    def losses_of(model: nn.Module) -> Tensor:
+        return F.cross_entropy(model(setup.x), setup.y, reduction="none")
+
+    return _reduce_per_sample(grads_of(prepared(setup, method), setup.names, setup.model, losses_of))
+
+
 RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
     "fwd+bwd": run_fwd_bwd,
     "engine": run_engine,
@@ -266,7 +379,13 @@ RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
     "naive": run_naive,
     "vmap": run_vmap,
     "captum": run_captum,
+    **{peer: partial(run_peer, method=peer) for peer in PEERS},
 }
+
+
+def peer_failure(error: BaseException) -> str:
+    """A peer's status when it raised: ``OOM`` or ``does not run: <short reason>``."""
+    return "OOM" if is_oom(error) else f"does not run: {short_reason(error)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +426,12 @@ def cpu_peak_memory(case: Case, quick: bool, vmap_chunk: Optional[int], method: 
         setup = build_setup(case, "cpu", quick, vmap_chunk)
         if method == "captum" and not captum_applies(setup):
             return "n/a"
+        if method in PEERS:
+            prepared(setup, method)  # the model copy is set-up, not part of the call
         return lambda: RUNNERS[method](setup)
 
+    if method in PEERS:
+        return forked_peak_rss(prepare, peer_failure)
     return forked_peak_rss(prepare, lambda error: f"error: {type(error).__name__}: {error}"[:200])
 
 
@@ -328,6 +451,9 @@ def measure_case(
     result.reps = reps
     if not captum_applies(setup):
         methods["captum"].status = "n/a"
+    for method in PEERS:
+        if not installed(method):
+            methods[method].status = "not installed"
     active = [m for m in METHODS if methods[m].status == "ok"]
 
     # warm-up call of every method; its result is checked against the naive loop's
@@ -342,7 +468,11 @@ def measure_case(
         except Exception as error:  # noqa: BLE001 - a failing baseline is reported, not fatal
             if method in ("fwd+bwd", "engine", "compiled", "rms", "naive"):
                 raise
-            methods[method].status = "OOM" if is_oom(error) else f"error: {type(error).__name__}"
+            if method in PEERS:
+                methods[method].status = peer_failure(error)
+                log(f"  {result.case.name}: {method}: {methods[method].status}")
+            else:
+                methods[method].status = "OOM" if is_oom(error) else f"error: {type(error).__name__}"
             outputs[method] = None
             if setup.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -363,6 +493,10 @@ def measure_case(
                 f"{result.case.name}: {ours} differs from the naive loop by {diff:.3g} "
                 f"(relative; tolerance {tolerance:g}): the timings would not be of equal work"
             )
+    for peer in PEERS:  # a peer that computes something else is not timed
+        diff = methods[peer].rel_diff
+        if diff is not None and not diff <= tolerance:
+            methods[peer].status = f"wrong: differs by {diff:.2g}"
     active = [m for m in METHODS if methods[m].status == "ok"]
 
     if setup.device.type == "cuda" and cuda_memory:
@@ -378,7 +512,14 @@ def measure_case(
         active = [m for m in METHODS if methods[m].status == "ok"]
 
     runners = {method: (lambda method=method: RUNNERS[method](setup)) for method in active}
-    times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {result.case.name}: {m}"))
+    # the objects alive now (Opacus and BackPACK imported: ~370k) are left out of the collections
+    # that the timing runs before each call: gc.collect() then takes milliseconds, not 0.2 s
+    gc.collect()
+    gc.freeze()
+    try:
+        times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {result.case.name}: {m}"))
+    finally:
+        gc.unfreeze()
     for method, values in times.items():
         methods[method].times = values
 
@@ -424,8 +565,10 @@ def summary_lines(results: Sequence[CaseResult]) -> List[str]:
         ratio = engine / m["fwd+bwd"].median
         verdict = "met" if ratio <= TARGET_RATIO else "NOT met"
         speedups = ", ".join(
-            f"{name}/engine = {m[name].median / engine:.2f}" if m[name].status == "ok" else f"{name}: {m[name].status}"
-            for name in ("naive", "vmap", "captum")
+            f"{name}/engine = {m[name].median / engine:.2f}"
+            if m[name].status == "ok"
+            else f"{name}: {m[name].status.split(':')[0]}"  # the table has the reason
+            for name in ("naive", "vmap", "captum", *PEERS)
         )
         compiled = m["compiled"].median / m["fwd+bwd"].median
         rms = m["rms"].median / m["fwd+bwd"].median
@@ -468,7 +611,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="auto: each case on its own device (resnet18, resnet50 on CPU, resnet50-b64 on CUDA); "
+        help="auto: each case on its own device (resnet18, resnet50, encoder on CPU, resnet50-b64 on CUDA); "
         "cpu / cuda: every selected case there",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller inputs and batches, 2 repetitions")
@@ -499,13 +642,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         planned.append(CaseResult(case if args.reps is None else replace(case, reps=args.reps), device))
 
+    # import the peers once, here (importing computes nothing), not in every child
+    for package in sorted({PEER_PACKAGES[m] for m in PEERS if installed(m)}):
+        importlib.import_module(package)
+        if package == "backpack":
+            importlib.import_module("backpack.extensions")
+
     # CPU memory first, in children forked before this process has run any computation
     if not args.no_memory:
         for res in planned:
             if res.device != "cpu":
                 continue
             for method in METHODS:
-                if method == "compiled":  # a cold call's peak would be the compiler's
+                if method == "compiled" or not installed(method):  # a cold call's peak would be the compiler's
                     continue
                 log(f"  {res.case.name}: peak memory of {method} (forked child)")
                 status, peak = cpu_peak_memory(res.case, args.quick, args.vmap_chunk, method)

@@ -75,7 +75,6 @@ cores); ``--markdown`` prints tables for docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import importlib.util
 import sys
@@ -93,16 +92,23 @@ from captum_paramsal.per_sample import compiled as compiled_kernels
 from captum_paramsal.per_sample import policy
 
 from bench_common import (
+    EncoderClassifier,
     MethodResult,
+    backpack_grads,
     cuda_peak_memory,
     fmt,
     forked_peak_rss,
+    installed,
     interleaved_times,
     is_oom,
     layout_rel_diff,
     make_logger,
+    opacus_grads,
+    prepare_backpack,
+    prepare_opacus,
     print_report,
     release_free_heap,
+    short_reason,
     sync,
 )
 
@@ -140,20 +146,6 @@ CASES: Dict[str, Case] = {
     "long-1024": Case("long-1024", "llama", 1024, 8, 1, reps=3, quick={"seq": 256, "batch": 2, "vocab": 2048},
                       cpu_memory=True, loss="lm", vocab=8192),
 }
-
-
-class EncoderClassifier(nn.Module):
-    """``nn.TransformerEncoder`` over ``(B, T, d_model)`` inputs, mean-pooled, a Linear classifier."""
-
-    def __init__(self, d_model: int = 256, heads: int = 4, feedforward: int = 1024, layers: int = 2,
-                 classes: int = 10) -> None:
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(d_model, heads, feedforward, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x).mean(1))
 
 
 def build_model(case: Case, layers: int) -> nn.Module:
@@ -336,86 +328,22 @@ def run_vmap(setup: Setup) -> Tensor:
     return torch.cat(rows)
 
 
-def _frozen_copy(setup: Setup) -> Tuple[nn.Module, List[nn.Parameter]]:
-    """A deep copy of the model (tied weights stay tied) with only the selected weights trainable."""
-    model = copy.deepcopy(setup.model)
-    selected = _selected(setup, model)
-    keep = {id(p) for p in selected}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
-    return model, selected
-
-
-def _train_mode_without_dropout(model: nn.Module) -> None:
-    """Training mode (Opacus records activations only in training mode) with every dropout off,
-    so that the copy computes what the eval-mode model does."""
-    model.train()
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for attr in ("attention_dropout", "dropout"):  # HF attention modules keep plain floats
-            if isinstance(getattr(module, attr, None), float):
-                setattr(module, attr, 0.0)
-
-
-def prepare_opacus(setup: Setup) -> Any:
-    from opacus import GradSampleModule
-
-    model, selected = _frozen_copy(setup)
-    _train_mode_without_dropout(model)
-    return GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=False), selected
+def _losses_of(setup: Setup) -> Callable[[nn.Module], Tensor]:
+    return lambda model: setup.losses(model, setup.x, setup.target)
 
 
 def run_opacus(setup: Setup) -> Tensor:
     if "opacus" not in setup.copies:
-        setup.copies["opacus"] = prepare_opacus(setup)
-    wrapped, selected = setup.copies["opacus"]
-    for p in selected:
-        p.grad_sample = None
-        p.grad = None
-    losses = setup.loss_fn(setup.output_fn(wrapped(setup.x, **setup.kwargs)), setup.target)
-    losses.sum().backward()
-    _no_per_sample_grad(setup, selected, "grad_sample")
-    result = reduce_units([p.grad_sample for p in selected], setup.unit_dims)
-    for p in selected:
-        p.grad_sample = None
-        p.grad = None
-    return result
-
-
-def _no_per_sample_grad(setup: Setup, selected: Sequence[nn.Parameter], attr: str) -> None:
-    """Raise, naming the layer types, where a peer left a selected weight without its per-sample gradient."""
-    missing = [n for n, p in zip(setup.names, selected) if getattr(p, attr, None) is None]
-    if missing:
-        kinds = sorted({type(setup.model.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in missing})
-        raise RuntimeError(f"no {attr} for {len(missing)} of {len(selected)} weights ({', '.join(kinds)})")
-
-
-def prepare_backpack(setup: Setup) -> Any:
-    from backpack import extend
-
-    model, selected = _frozen_copy(setup)
-    return extend(model), selected
+        setup.copies["opacus"] = prepare_opacus(setup.model, setup.names)
+    grads = opacus_grads(setup.copies["opacus"], setup.names, setup.model, _losses_of(setup))
+    return reduce_units(grads, setup.unit_dims)
 
 
 def run_backpack(setup: Setup) -> Tensor:
-    from backpack import backpack
-    from backpack.extensions import BatchGrad
-
     if "backpack" not in setup.copies:
-        setup.copies["backpack"] = prepare_backpack(setup)
-    model, selected = setup.copies["backpack"]
-    for p in selected:
-        p.grad = None
-    losses = setup.loss_fn(setup.output_fn(model(setup.x, **setup.kwargs)), setup.target)
-    with backpack(BatchGrad()):
-        losses.sum().backward()
-    _no_per_sample_grad(setup, selected, "grad_batch")
-    result = reduce_units([p.grad_batch for p in selected], setup.unit_dims)
-    for p in selected:
-        p.grad = None
-        del p.grad_batch
-    return result
+        setup.copies["backpack"] = prepare_backpack(setup.model, setup.names)
+    grads = backpack_grads(setup.copies["backpack"], setup.names, setup.model, _losses_of(setup))
+    return reduce_units(grads, setup.unit_dims)
 
 
 RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
@@ -429,16 +357,6 @@ RUNNERS: Dict[str, Callable[[Setup], Optional[Tensor]]] = {
     "backpack": run_backpack,
 }
 PACKAGES = {"opacus": "opacus", "backpack": "backpack"}
-
-
-def installed(method: str) -> bool:
-    package = PACKAGES.get(method)
-    return package is None or importlib.util.find_spec(package) is not None
-
-
-def short_reason(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}"[:110]
 
 
 # ----------------------------------------------------------------------------------------------
