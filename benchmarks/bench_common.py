@@ -52,24 +52,35 @@ def interleaved_times(
     reps: int,
     device: torch.device,
     log: Optional[Callable[[str], None]] = None,
+    freeze_gc: bool = False,
 ) -> Dict[str, List[float]]:
     """Wall-clock seconds of each runner, ``reps`` times, interleaved within each repetition with
     the order rotated from one repetition to the next, so that drifting machine load touches every
-    method alike. Warm the runners up before calling this."""
+    method alike. Warm the runners up before calling this. ``freeze_gc``: the objects alive now
+    are left out of the collection run before each call (``gc.freeze``), so that it takes
+    milliseconds, not tenths of a second, in a process that imported large libraries (Opacus,
+    BackPACK, transformers); the timed calls are the same either way."""
     names = list(runners)
     times: Dict[str, List[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        if log is not None:
-            log(f"repetition {rep + 1}/{reps}")
-        shift = rep % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            sync(device)
-            start = time.perf_counter()
-            out = runners[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-            del out
+    if freeze_gc:
+        gc.collect()
+        gc.freeze()
+    try:
+        for rep in range(reps):
+            if log is not None:
+                log(f"repetition {rep + 1}/{reps}")
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                gc.collect()
+                sync(device)
+                start = time.perf_counter()
+                out = runners[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+                del out
+    finally:
+        if freeze_gc:
+            gc.unfreeze()
     return times
 
 

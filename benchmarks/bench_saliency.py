@@ -118,7 +118,6 @@ present), ``--quick`` for a smoke run, ``--markdown`` for a table for docs/PERFO
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import sys
 import time
@@ -512,14 +511,9 @@ def measure_case(
         active = [m for m in METHODS if methods[m].status == "ok"]
 
     runners = {method: (lambda method=method: RUNNERS[method](setup)) for method in active}
-    # the objects alive now (Opacus and BackPACK imported: ~370k) are left out of the collections
-    # that the timing runs before each call: gc.collect() then takes milliseconds, not 0.2 s
-    gc.collect()
-    gc.freeze()
-    try:
-        times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {result.case.name}: {m}"))
-    finally:
-        gc.unfreeze()
+    # freeze_gc: the objects alive now (Opacus and BackPACK imported: ~370k) stay out of the per-call collections
+    times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {result.case.name}: {m}"),
+                              freeze_gc=True)
     for method, values in times.items():
         methods[method].times = values
 

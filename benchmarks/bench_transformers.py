@@ -75,7 +75,6 @@ cores); ``--markdown`` prints tables for docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import sys
 import time
@@ -458,14 +457,8 @@ def measure_case(result: CaseResult, setup: Setup, reps: int, tolerance: float, 
         active = [m for m in METHODS if methods[m].status == "ok"]
 
     runners = {method: (lambda method=method: RUNNERS[method](setup)) for method in active}
-    # the objects alive now (a transformers process holds ~500k) are left out of the collections
-    # that the timing runs before each call: gc.collect() then takes milliseconds, not 0.25 s
-    gc.collect()
-    gc.freeze()
-    try:
-        times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {name}: {m}"))
-    finally:
-        gc.unfreeze()
+    # freeze_gc: the objects alive now (a transformers process holds ~500k) stay out of the per-call collections
+    times = interleaved_times(runners, reps, setup.device, lambda m: log(f"  {name}: {m}"), freeze_gc=True)
     for method, values in times.items():
         methods[method].times = values
 

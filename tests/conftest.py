@@ -34,6 +34,19 @@ def auto_compile_never_switches(monkeypatch):
     monkeypatch.setattr(compiled, "AUTO_AFTER_SECONDS", {"warm": float("inf"), "cold": float("inf")})
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tests that run many tiny forward passes (the turn-off
+    loop, the recounts) are many times slower on a shared machine where a second thread
+    waits for a busy core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         names = SLOW_BY_FILE.get(item.path.name, ())

@@ -26,14 +26,8 @@ from helpers import TiedLinears, assert_unchanged, snapshot
 LOGGER = "captum_paramsal.analysis.turn_off_curves"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The loop runs many one-sample forward passes: one thread (on a shared machine, a second
-    thread waiting for a busy core makes each one many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the loop runs many one-sample forward passes: one thread (conftest's one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_records(got: List[Dict[str, Any]], want: List[Dict[str, Any]], atol: float = 1e-6) -> None:

@@ -27,16 +27,6 @@ def shipped():
     return load_colours_model()
 
 
-@pytest.fixture
-def one_thread():
-    """The recounts run many tiny forward passes: one thread (on a shared machine, a second
-    thread waiting for a busy core makes each one many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_the_rule_on_hand_made_sentences():
     assert answer("most red blue red green yellow".split()) == "red"
     assert answer("least red blue red green yellow".split()) == "yellow"  # blue, green, yellow once: yellow last

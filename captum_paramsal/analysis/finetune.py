@@ -480,28 +480,24 @@ class NeighbourCorrection:
         def values(key: str, among: List[Dict[str, Any]]) -> List[float]:
             return [float(r[key]) for r in among]
 
-        summary: Dict[str, Union[int, Estimate]] = {
-            "fine_tuned": len(records),
-            "self_corrected": len(used),
-            "self_corrected_rate": bootstrap_mean(values("self_corrected", records)),
-            "steps": bootstrap_mean(values("steps", records)),
-            "neighbours_corrected": bootstrap_mean(values("neighbours_corrected", used)),
-            "others_corrected": bootstrap_mean(values("others_corrected", used)),
-            "neighbours_minus_others": paired_difference(
-                values("neighbours_corrected", used), values("others_corrected", used)
-            ),
-        }
+        def arm(prefix: str) -> Dict[str, Estimate]:
+            """The rates of the salient (``""``) or the random-unit (``"random_"``) fine-tune."""
+            return {
+                f"{prefix}self_corrected_rate": bootstrap_mean(values(f"{prefix}self_corrected", records)),
+                f"{prefix}steps": bootstrap_mean(values(f"{prefix}steps", records)),
+                f"{prefix}neighbours_corrected": bootstrap_mean(values(f"{prefix}neighbours_corrected", used)),
+                f"{prefix}others_corrected": bootstrap_mean(values(f"{prefix}others_corrected", used)),
+                f"{prefix}neighbours_minus_others": paired_difference(
+                    values(f"{prefix}neighbours_corrected", used), values(f"{prefix}others_corrected", used)
+                ),
+            }
+
+        summary: Dict[str, Union[int, Estimate]] = {"fine_tuned": len(records), "self_corrected": len(used), **arm("")}
         if self.random_units:
             both = [r for r in used if r["random_self_corrected"]]
             summary.update({
                 "random_self_corrected": sum(bool(r["random_self_corrected"]) for r in records),
-                "random_self_corrected_rate": bootstrap_mean(values("random_self_corrected", records)),
-                "random_steps": bootstrap_mean(values("random_steps", records)),
-                "random_neighbours_corrected": bootstrap_mean(values("random_neighbours_corrected", used)),
-                "random_others_corrected": bootstrap_mean(values("random_others_corrected", used)),
-                "random_neighbours_minus_others": paired_difference(
-                    values("random_neighbours_corrected", used), values("random_others_corrected", used)
-                ),
+                **arm("random_"),
                 "salient_minus_random_neighbours": paired_difference(
                     values("neighbours_corrected", used), values("random_neighbours_corrected", used)
                 ),

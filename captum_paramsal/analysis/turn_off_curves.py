@@ -385,16 +385,15 @@ def _output_channels(model: nn.Module, layout: SaliencyLayout, units: UnitEntrie
     another kind of module)."""
     from ..per_sample.selection import select_parameters
 
-    if not units.entries:
+    if not units.entries or any(entry.is_group for entry in units.entries):
         return None
+    selection = {p.name: p for p in select_parameters(model, [entry.name for entry in units.entries]).params}
     per_entry: List[List[nn.Module]] = []
     for entry in units.entries:
-        if entry.is_group:
-            return None
         blocks, _ = units.blocks(entry.slice.start)
         if len(blocks) != 1 or blocks[0][0] != entry.name:
             return None
-        (selected,) = select_parameters(model, [entry.name]).params
+        selected = selection[entry.name]
         layers = []
         for module, attribute in selected.owners:
             if type(module) not in _OUTPUT_AXIS or attribute != "weight":

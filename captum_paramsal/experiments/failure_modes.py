@@ -21,7 +21,6 @@ not for reading).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .results_markdown import write_section
+from .results_markdown import section_command, write_section
 
 #: units edited by each repair
 K = 5
@@ -323,12 +322,8 @@ def _neighbour_rows(s: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs", help="folder of RESULTS.md and figures/ (default docs)")
-    parser.add_argument("--quick", action="store_true", help="fewer samples and draws (about a minute)")
-    args = parser.parse_args(argv)
-    print(run(args.out, quick=args.quick))
-    return 0
+    return section_command(__doc__.split("\n\n")[0], run, "fewer samples and draws (about a minute)", argv,
+                           print_text=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ CPU cores (``--quick``: under a minute, small and only a smoke test).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .results_markdown import write_section
+from .results_markdown import section_command, write_section
 
 if TYPE_CHECKING:
     from ..analysis.input_saliency_check import InputSaliencyCheck
@@ -363,13 +362,7 @@ Samples: {samples}.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", default="docs", help="folder of RESULTS.md and figures/ (default docs)")
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (under a minute), for tests")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
-    print(f"wrote {os.path.join(args.out, 'RESULTS.md')} and {os.path.join(args.out, 'figures')}/")
-    return 0
+    return section_command(__doc__.split("\n", 1)[0], run, "a small smoke run (under a minute), for tests", argv)
 
 
 if __name__ == "__main__":

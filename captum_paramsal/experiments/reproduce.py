@@ -12,7 +12,6 @@ holds here and by how much. Deterministic; about a minute on 2 CPU cores.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .results_markdown import write_section
+from .results_markdown import section_command, write_section
 
 
 def run(out_dir: str = "docs", quick: bool = False) -> str:
@@ -253,13 +252,7 @@ def _neighbour_claims(corrections, holds) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", default="docs", help="folder of RESULTS.md and figures/ (default docs)")
-    parser.add_argument("--quick", action="store_true", help="a smaller run, for tests")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
-    print(f"wrote {os.path.join(args.out, 'RESULTS.md')} and {os.path.join(args.out, 'figures')}/")
-    return 0
+    return section_command(__doc__.split("\n", 1)[0], run, "a smaller run, for tests", argv)
 
 
 if __name__ == "__main__":

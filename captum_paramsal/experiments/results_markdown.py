@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+from typing import Callable, Optional, Sequence
 
 from .._utils import atomic_write
 
@@ -25,3 +27,23 @@ def write_section(path: str, name: str, text: str) -> None:
         updated = current.rstrip() + "\n\n" + block
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, updated.encode())
+
+
+def section_command(
+    description: str,
+    run: Callable[[str, bool], str],
+    quick_help: str,
+    argv: Optional[Sequence[str]] = None,
+    print_text: bool = False,
+) -> int:
+    """The command line of an experiment that writes one section of RESULTS.md:
+    ``--out`` (default docs) and ``--quick``, then ``run(out, quick)``; prints where it wrote
+    (or, with ``print_text``, the section itself). Returns the exit status, 0."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default="docs", help="folder of RESULTS.md and figures/ (default docs)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    text = run(args.out, args.quick)
+    wrote = f"wrote {os.path.join(args.out, 'RESULTS.md')} and {os.path.join(args.out, 'figures')}/"
+    print(text if print_text else wrote)
+    return 0

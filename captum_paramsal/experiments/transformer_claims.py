@@ -23,7 +23,6 @@ the tests.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .results_markdown import write_section
+from .results_markdown import section_command, write_section
 
 SECTION = "transformer_claims"
 HEAD_KS = (1, 2, 3)
@@ -527,13 +526,7 @@ neurons: {", ".join(f"{name} ({count})" for name, count in neuron_counts[:5])}.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", default="docs", help="folder of RESULTS.md and figures/ (default docs)")
-    parser.add_argument("--quick", action="store_true", help="a smaller run, for tests")
-    args = parser.parse_args(argv)
-    run(args.out, args.quick)
-    print(f"wrote {os.path.join(args.out, 'RESULTS.md')} and {os.path.join(args.out, 'figures')}/")
-    return 0
+    return section_command(__doc__.split("\n", 1)[0], run, "a smaller run, for tests", argv)
 
 
 if __name__ == "__main__":

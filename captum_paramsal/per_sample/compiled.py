@@ -187,10 +187,10 @@ class CompiledKernels:
         figure where :func:`warm_cache` says so)."""
         if isinstance(setting, bool):
             return setting
+        if self.eager_seconds < AUTO_AFTER_SECONDS["warm"]:
+            return False  # before any price is due nothing else is looked at (the PATH, the marker)
         if any(device == device_type for _, device in self.failed) or compiler_missing(device_type):
             return False
-        if self.eager_seconds < AUTO_AFTER_SECONDS["warm"]:
-            return False  # the marker is read only once the cheaper price could be due
         price = AUTO_AFTER_SECONDS["warm" if warm_cache(device_type) else "cold"]
         return self.eager_seconds >= price
 
