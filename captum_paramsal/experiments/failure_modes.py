@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -50,23 +50,28 @@ def _verdict(result: Any, rate: str = "fix_held_out") -> Tuple[str, List[str]]:
     return ("weaker", beaten) if beaten else ("does not hold", beaten)
 
 
-def _repair_rows(name: str, groups: Sequence[Any], results: Dict[Tuple[int, str], Any]) -> List[str]:
-    rows = []
+def _repairs_run(groups: Sequence[Any], results: Dict[Tuple[int, str], Any]) -> Iterator[Tuple[Any, str, Any]]:
+    """``(group, method, repair result)`` of every repair that ran, groups first, turn-off before fine-tune."""
     for g in groups:
         for method in ("turn_off", "finetune"):
             r = results.get((g.id, method))
-            if r is None:
-                continue
-            for unit_choice, row in r.rows.items():
-                diff = r.differences.get(unit_choice, {}).get("fix_held_out")
-                harm = r.differences.get(unit_choice, {}).get("collateral")
-                rows.append(
-                    f"| {name} {g.id} | {method} | {unit_choice} | {row.fix_group.format(percent=True)} | "
-                    f"{row.fix_held_out.format(percent=True)} (n={r.num_held_out}) | "
-                    f"{row.collateral.format(percent=True)} | "
-                    f"{'—' if diff is None else diff.format(percent=True, signed=True)} | "
-                    f"{'—' if harm is None else harm.format(percent=True, signed=True)} |"
-                )
+            if r is not None:
+                yield g, method, r
+
+
+def _repair_rows(name: str, groups: Sequence[Any], results: Dict[Tuple[int, str], Any]) -> List[str]:
+    rows = []
+    for g, method, r in _repairs_run(groups, results):
+        for unit_choice, row in r.rows.items():
+            diff = r.differences.get(unit_choice, {}).get("fix_held_out")
+            harm = r.differences.get(unit_choice, {}).get("collateral")
+            rows.append(
+                f"| {name} {g.id} | {method} | {unit_choice} | {row.fix_group.format(percent=True)} | "
+                f"{row.fix_held_out.format(percent=True)} (n={r.num_held_out}) | "
+                f"{row.collateral.format(percent=True)} | "
+                f"{'—' if diff is None else diff.format(percent=True, signed=True)} | "
+                f"{'—' if harm is None else harm.format(percent=True, signed=True)} |"
+            )
     return rows
 
 
@@ -78,19 +83,15 @@ REPAIR_HEADER = (
 
 def _repair_verdicts(label: str, groups: Sequence[Any], results: Dict[Tuple[int, str], Any]) -> List[str]:
     lines = []
-    for g in groups:
-        for method in ("turn_off", "finetune"):
-            r = results.get((g.id, method))
-            if r is None:
-                continue
-            verdict, beaten = _verdict(r)
-            culprits = r.rows["culprits"]
-            lines.append(
-                f"- {label} group {g.id}, {method.replace('_', ' ')}: **{verdict}** "
-                f"(culprits fix {culprits.fix_held_out.format(percent=True)} of {r.num_held_out} held-out samples "
-                f"of the group's pairs, collateral {culprits.collateral.format(percent=True)}; beats "
-                + (", ".join(beaten) if beaten else "no control") + ")."
-            )
+    for g, method, r in _repairs_run(groups, results):
+        verdict, beaten = _verdict(r)
+        culprits = r.rows["culprits"]
+        lines.append(
+            f"- {label} group {g.id}, {method.replace('_', ' ')}: **{verdict}** "
+            f"(culprits fix {culprits.fix_held_out.format(percent=True)} of {r.num_held_out} held-out samples "
+            f"of the group's pairs, collateral {culprits.collateral.format(percent=True)}; beats "
+            + (", ".join(beaten) if beaten else "no control") + ")."
+        )
     return lines
 
 
