@@ -112,8 +112,10 @@ def write_report(
     """
     from captum.attr import IntegratedGradients, Saliency
     from matplotlib.figure import Figure
+    from tqdm.auto import tqdm
 
     from ._core.parameter_guided_input_saliency import ParameterGuidedInputSaliency
+    from ._core.parameter_space_attribution import PROGRESS_DELAY
     from .analysis import pruning_curves
 
     if indices is None:
@@ -132,10 +134,9 @@ def write_report(
     chosen = wrong if (wrong and only_misclassified) else list(range(len(labels)))
     chosen = chosen[:max_samples]
 
-    from tqdm.auto import tqdm
-
     # a bar over the report's steps: None shows it once the report has taken 3 s (a torchvision model's)
-    bar = tqdm(total=6, unit="step", desc="report", disable=progress is False, delay=0.0 if progress else 3.0)
+    bar = tqdm(total=6, unit="step", desc="report", disable=progress is False,
+               delay=0.0 if progress else PROGRESS_DELAY)
     step = _stepper(bar)
     x, y, p = inputs[chosen], labels[chosen], predicted[chosen]
     step("profiles")
