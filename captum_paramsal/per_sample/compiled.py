@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._utils import outside_stacklevel
+from .._utils import atomic_write, outside_stacklevel
 
 #: Distinct shapes one process may compile (a ResNet-50 has a few dozen).
 RECOMPILE_LIMIT = 256
@@ -120,12 +120,10 @@ def _mark_warm(device_type: str) -> None:
     devices = _read_marker(path)
     if device_type in devices:
         return
+    marker = {"format": 1, "torch": torch.__version__, "devices": sorted(devices | {device_type})}
     try:
         os.makedirs(folder, exist_ok=True)
-        staged = f"{path}.{os.getpid()}.tmp"
-        with open(staged, "w", encoding="utf-8") as handle:
-            json.dump({"format": 1, "torch": torch.__version__, "devices": sorted(devices | {device_type})}, handle)
-        os.replace(staged, path)
+        atomic_write(path, json.dumps(marker).encode())
     except OSError:
         pass
 
